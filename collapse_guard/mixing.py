@@ -377,53 +377,47 @@ class MixingCollator:
                 self.dropped[str(reason)] += 1
         return kept
 
-    def _mix_examples(self, features: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        size = len(features)
+    def _mix_examples(self, features: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
         need_real = math.ceil(self.min_real_fraction * size - 1e-9)
         real_in = [f for f in features if self._is_real(f)]
         synthetic_in = self._filter_synthetic([f for f in features if not self._is_real(f)])
         self._buffer.extend(synthetic_in)
         n_synthetic = min(len(self._buffer), size - max(need_real, len(real_in)))
         n_top_up = size - n_synthetic - len(real_in)
-        rows = real_in + [self._real_row(features[0]) for _ in range(n_top_up)]
+        rows = real_in + [self._real_row(features[0] if features else {}) for _ in range(n_top_up)]
         rows += [self._buffer.popleft() for _ in range(n_synthetic)]
-        self.counts["real_in_batch"] += len(real_in)
         self.counts["real_top_up"] += n_top_up
         self.counts["synthetic_served"] += n_synthetic
         self.counts["synthetic_seen"] += len(synthetic_in)
-        self.last_real_fraction = (len(real_in) + n_top_up) / size
         self.counts["real_units"] += len(real_in) + n_top_up
         self.counts["units"] += size
+        self.last_real_fraction = (len(real_in) + n_top_up) / size
         return rows
 
-    def _mix_tokens(self, features: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        size = len(features)
+    def _mix_tokens(self, features: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+        like = features[0] if features else (self._buffer[0] if self._buffer else {})
         scored = [(f, *self._real_tokens(f)) for f in features]
-        real_rows = [(f, r, n) for f, r, n in scored if r == n]
-        others = [f for f, r, n in scored if r != n]
-        others = self._filter_synthetic(others)
+        batch = [(f, r, n) for f, r, n in scored if r == n]  # fully real rows are never displaced
+        others = self._filter_synthetic([f for f, r, n in scored if r != n])
         self.counts["synthetic_seen"] += len(others)
         self._buffer.extend(others)
-        batch = list(real_rows)
         while len(batch) < size and self._buffer:
             row = self._buffer.popleft()
             batch.append((row, *self._real_tokens(row)))
         n_top_up = 0
         while len(batch) < size:  # the filter dropped rows and the buffer ran dry
-            row = self._real_row(features[0])
+            row = self._real_row(like)
             batch.append((row, len(row["input_ids"]), len(row["input_ids"])))
             n_top_up += 1
         displaced = []
         while sum(r for _, r, _ in batch) < self.min_real_fraction * sum(n for _, _, n in batch) - 1e-9:
-            # replace the newest not-fully-real row; it goes back to the front of the queue
-            for i in range(len(batch) - 1, -1, -1):
-                if batch[i][1] != batch[i][2]:
-                    displaced.append(batch[i][0])
-                    row = self._real_row(features[0])
-                    batch[i] = (row, len(row["input_ids"]), len(row["input_ids"]))
-                    n_top_up += 1
-                    break
-        self._buffer.extendleft(displaced)  # reversed order of displacement = original FIFO order
+            # swap the newest not-fully-real row for a real one; it returns to the front of the queue
+            i = max(i for i, (_, r, n) in enumerate(batch) if r != n)
+            displaced.append(batch[i][0])
+            row = self._real_row(like)
+            batch[i] = (row, len(row["input_ids"]), len(row["input_ids"]))
+            n_top_up += 1
+        self._buffer.extendleft(displaced)  # extendleft reverses, restoring FIFO order
         real_tokens, total_tokens = sum(r for _, r, _ in batch), sum(n for _, _, n in batch)
         self.counts["real_top_up"] += n_top_up
         self.counts["synthetic_served"] += sum(1 for _, r, n in batch if r != n)
@@ -432,13 +426,16 @@ class MixingCollator:
         self.last_real_fraction = real_tokens / max(total_tokens, 1)
         return [row for row, _, _ in batch]
 
+    def _mix(self, features: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+        rows = self._mix_examples(features, size) if self.unit == "examples" else self._mix_tokens(features, size)
+        self.calls += 1
+        self._snapshots.append((self.calls, self._snapshot()))
+        return rows
+
     def __call__(self, features: list[dict[str, Any]]):
         if self.paused or not features:
             return self.base_collator(features)
-        features = [dict(f) for f in features]
-        rows = self._mix_examples(features) if self.unit == "examples" else self._mix_tokens(features)
-        self.calls += 1
-        self._snapshots.append((self.calls, self.state_dict()))
+        rows = self._mix([dict(f) for f in features], len(features))
         if len(self._buffer) > self.max_carryover_warning and not self._warned_carryover:
             self._warned_carryover = True
             warnings.warn(
@@ -447,28 +444,23 @@ class MixingCollator:
                 "mix_datasets(..., min_real_fraction=...) so the floor rarely needs topping up.",
                 stacklevel=2,
             )
-        clean = [{k: v for k, v in row.items() if k not in (PROVENANCE_COLUMN, "source")} for row in rows]
-        return self.base_collator(clean)
+        return self.base_collator(self._strip(rows))
 
     def drain(self, batch_size: int):
         """Yields the carry-over buffer as final batches that still meet the floor (end of training)."""
-        if batch_size - math.ceil(self.min_real_fraction * batch_size - 1e-9) <= 0 and self._buffer:
-            raise ValueError(f"drain() with min_real_fraction={self.min_real_fraction} and batch_size={batch_size} "
-                             "leaves no slot for synthetic examples; use a larger batch_size.")
         while self._buffer:
-            yield self._drain_one(batch_size)
+            pending = len(self._buffer)
+            rows = self._mix([], batch_size)
+            if len(self._buffer) >= pending:
+                raise ValueError(
+                    f"drain(batch_size={batch_size}) cannot serve the {pending} pending synthetic examples under "
+                    f"min_real_fraction={self.min_real_fraction} ({self.unit}); use a larger batch_size."
+                )
+            yield self.base_collator(self._strip(rows))
 
-    def _drain_one(self, batch_size: int):
-        placeholder = [self._real_row({}) for _ in range(batch_size)]
-        # all-real incoming batch: the floor is met, so buffered synthetic examples take the free slots
-        need_real = math.ceil(self.min_real_fraction * batch_size - 1e-9)
-        n_synthetic = min(len(self._buffer), batch_size - need_real)
-        rows = placeholder[: batch_size - n_synthetic] + [self._buffer.popleft() for _ in range(n_synthetic)]
-        self.counts["synthetic_served"] += n_synthetic
-        self.counts["real_top_up"] += batch_size - n_synthetic
-        self.last_real_fraction = (batch_size - n_synthetic) / batch_size
-        self.calls += 1
-        return self.base_collator(rows)
+    @staticmethod
+    def _strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in row.items() if k not in (PROVENANCE_COLUMN, "source")} for row in rows]
 
     @property
     def pending_synthetic(self) -> int:
@@ -490,15 +482,26 @@ class MixingCollator:
         return out
 
     # ----- checkpointing ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def _snapshot(self) -> dict[str, Any]:
+        # references only: features are never mutated, so this stays cheap per batch
         return {
             "calls": self.calls,
             "draws": self._stream.draws,
-            "buffer": [{k: _to_list(v) if not isinstance(v, (str, int, float, dict)) else v for k, v in f.items()}
-                       for f in self._buffer],
+            "buffer": list(self._buffer),
             "counts": dict(self.counts),
             "dropped": dict(self.dropped),
         }
+
+    @staticmethod
+    def _serializable(snapshot: dict[str, Any]) -> dict[str, Any]:
+        def plain(value):
+            return value if isinstance(value, (str, int, float, dict, type(None))) else _to_list(value)
+
+        return {**snapshot, "buffer": [{k: plain(v) for k, v in f.items()} for f in snapshot["buffer"]]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable state: call count, real-stream position, carry-over buffer, counters."""
+        return self._serializable(self._snapshot())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = int(state["calls"])
@@ -510,9 +513,9 @@ class MixingCollator:
 
     def state_at(self, calls: int) -> dict[str, Any]:
         """The state right after the `calls`-th batch (the dataloader may have prefetched more)."""
-        for n, state in reversed(self._snapshots):
+        for n, snapshot in reversed(self._snapshots):
             if n == calls:
-                return state
+                return self._serializable(snapshot)
         if calls == self.calls:
             return self.state_dict()
         raise KeyError(f"no MixingCollator snapshot after batch {calls} (have {[n for n, _ in self._snapshots]}).")

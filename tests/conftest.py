@@ -1,0 +1,31 @@
+import os
+
+import pytest
+
+# Tests never touch a hub: everything is built in-process or ships in installed packages.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from collapse_guard.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    from collapse_guard.testing import tiny_causal_lm
+
+    return tiny_causal_lm(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from collapse_guard.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
