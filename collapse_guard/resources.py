@@ -92,7 +92,8 @@ def human_texts(name: str = "lee_background", min_words: int = 20) -> list[str]:
         raise ValueError(f"unknown human text set {name!r}; choose one of {sorted(_HUMAN_FILES)}.")
     path = _package_dir("gensim", "run `pip install gensim`") / "test" / "test_data" / _HUMAN_FILES[name]
     if name == "wiki":
-        raw = bz2.open(path, "rt", encoding="utf-8", errors="replace").read()
+        with bz2.open(path, "rt", encoding="utf-8", errors="replace") as fh:
+            raw = fh.read()
         docs = [_clean_wiki(m) for m in re.findall(r"<text[^>]*>(.*?)</text>", raw, flags=re.S)]
         paragraphs = [p.strip() for d in docs for p in d.split("\n\n")]
         texts = [p for p in paragraphs if p]
