@@ -355,10 +355,16 @@ class MixingCollator:
         return real, len(ids)
 
     def _real_row(self, like: dict[str, Any]) -> dict[str, Any]:
+        """A real example shaped like the batch's rows (same keys), so any base collator accepts it."""
         rank, world = _dist_rank_world()
-        row = self._stream.next(rank, world)
+        example = self._stream.next(rank, world)
+        row: dict[str, Any] = {"input_ids": example["input_ids"]}
+        if "labels" in like or not like:
+            row["labels"] = example["labels"]
+        if "attention_mask" in like:
+            row["attention_mask"] = [1] * len(example["input_ids"])
         if "seq_lengths" in like:
-            row["seq_lengths"] = [len(row["input_ids"])]
+            row["seq_lengths"] = [len(example["input_ids"])]
         return row
 
     # ----- the floor --------------------------------------------------------------------------

@@ -402,3 +402,26 @@ def test_two_process_run_meets_the_floor_on_every_rank(tmp_path):
     rows0 = {tuple(r) for b in ranks[0]["batches"] for r in b["real_rows"]}
     rows1 = {tuple(r) for b in ranks[1]["batches"] for r in b["real_rows"]}
     assert rows0 != rows1
+
+
+def test_plain_transformers_trainer_with_its_own_lm_collator(tmp_path, tokenizer, tiny_model):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    real, synthetic = tiny_text_datasets(20, 60)
+
+    def tokenize(ex):
+        return {"input_ids": tokenizer(ex["text"] + tokenizer.eos_token)["input_ids"]}
+
+    train = mix_datasets(real, synthetic, mode="replace", min_real_fraction=0.1).map(tokenize, remove_columns="text")
+    base = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    collator = MixingCollator(base, real_dataset=real, tokenizer=tokenizer, min_real_fraction=0.75)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=tiny_model, args=args, train_dataset=train, data_collator=collator)
+    fed: list = []
+    _record_fed_batches(tiny_model, fed)
+    trainer.train()
+    expected = ProvenanceIndex(None)
+    expected.add_many((tokenize_like_sft(ex, tokenizer)["input_ids"] for ex in real), REAL)
+    assert len(fed) == 3
+    assert all(sum(expected.source_of(r) == REAL for r in rows) >= 6 for rows in fed)
