@@ -164,9 +164,10 @@ def mix_datasets(
     if real is not None and len(real):
         real = _drop_extra_columns(with_provenance(real, REAL, HUMAN_ROUND), keep)
         f = float(min_real_fraction)
-        n_needed = n_other if f >= 1.0 else math.ceil(f / (1.0 - f) * n_other - 1e-9) if f > 0 else 0
+        # real rows r so that r / (r + n_other) >= f; f = 1 means real data only
+        n_needed = len(real) if f >= 1.0 else math.ceil(f / (1.0 - f) * n_other - 1e-9)
         if f >= 1.0:
-            n_needed = max(len(real), 1)
+            parts = []  # a floor of 100% real leaves no room for synthetic rows
         if mode == "accumulate":
             n_real = max(len(real), n_needed)
             parts.insert(0, _sample_rows(real, n_real, rng) if n_real > len(real) else real)
@@ -174,8 +175,8 @@ def mix_datasets(
             # fresh: round r takes the r-th slice of one fixed permutation, so rounds see new human text
             offset = round_index * n_needed if mode == "fresh" else 0
             parts.insert(0, _sample_rows(real, n_needed, np.random.default_rng(seed), offset=offset))
-    if f_empty := (sum(len(p) for p in parts) == 0):
-        raise ValueError(f"mix_datasets produced an empty training set (mode={mode!r}); empty={f_empty}.")
+    if sum(len(p) for p in parts) == 0:
+        raise ValueError(f"mix_datasets(mode={mode!r}) got no synthetic rows and no real rows to train on.")
     parts = [p.cast(parts[0].features) if p.features != parts[0].features else p for p in parts]
     mixed = concatenate_datasets(parts)
     return mixed.shuffle(seed=seed).flatten_indices()

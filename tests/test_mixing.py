@@ -54,8 +54,7 @@ def test_empty_or_missing_real_data_is_refused():
         MixingCollator(identity, real_dataset=None)
 
 
-def test_tokenizer_without_pad_token_is_refused(tokenizer):
-    tok = tokenizer.__class__.from_pretrained  # noqa: F841 (keep fixture untouched)
+def test_tokenizer_without_pad_token_is_refused():
     from collapse_guard.testing import tiny_tokenizer
 
     no_pad = tiny_tokenizer()
