@@ -51,7 +51,8 @@ def smollm2_dir() -> Path:
     """A normal transformers model directory for SmolLM2-135M-Instruct (converted once, then cached)."""
     target = CACHE_DIR / "smollm2-135m-instruct"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
+        if "quantization_config" not in (target / "config.json").read_text():
+            return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,7 +60,11 @@ def smollm2_dir() -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; a fresh model with the same weights does not.
-    model = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+    config = quantized.config
+    # the weights are dequantized now; a leftover gguf quantization_config makes Trainer refuse to train
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=False)
     model.tie_weights()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
