@@ -1,17 +1,51 @@
 """collapse_guard: keep Hugging Face fine-tuning from collapsing when it learns from synthetic data."""
 
+from collapse_guard.callbacks import CollapseGuardCallback
+from collapse_guard.detector import CollapseDetector, DetectorConfig, Verdict
+from collapse_guard.generation import (
+    PRESETS,
+    ContinuationConfig,
+    ContinuationGenerator,
+    MagpieConfig,
+    MagpieGenerator,
+    derive_template,
+)
+from collapse_guard.metrics import (
+    HeldoutPerplexity,
+    PerplexityResult,
+    diversity_metrics,
+    document_perplexities,
+    load_metric,
+    perplexity_concentration,
+)
 from collapse_guard.mixing import MixingCollator, MixingCollatorCallback, check_same_format, mix_datasets
 from collapse_guard.provenance import ProvenanceIndex, make_provenance, tokenize_like_sft, with_provenance
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
+    "CollapseDetector",
+    "CollapseGuardCallback",
+    "ContinuationConfig",
+    "ContinuationGenerator",
+    "DetectorConfig",
+    "HeldoutPerplexity",
+    "MagpieConfig",
+    "MagpieGenerator",
     "MixingCollator",
     "MixingCollatorCallback",
+    "PerplexityResult",
     "ProvenanceIndex",
+    "Verdict",
     "check_same_format",
+    "derive_template",
+    "diversity_metrics",
+    "document_perplexities",
+    "load_metric",
     "make_provenance",
     "mix_datasets",
+    "perplexity_concentration",
     "tokenize_like_sft",
     "with_provenance",
 ]

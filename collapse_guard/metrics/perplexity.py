@@ -1,0 +1,389 @@
+"""Held-out perplexity: exp(sum NLL / sum predicted tokens) over a fixed set of human documents.
+
+The evaluator tokenizes once, cuts every document into windows at a fixed context (non-overlapping blocks,
+or sliding windows with a stride where only the new tokens of each window are scored, as in the
+Hugging Face perplexity guide), sorts the windows by length and packs them into batches of at most
+`max_batch_tokens` padded tokens, starting a new batch once padding would pass 10%. The model's decoder runs once per batch; the output head and the
+cross-entropy then run over chunks of the scored positions only, so the full [B, L, V] fp32 logits are
+never built. Under `torch.distributed` every rank scores a shard of the windows and the per-document sums
+are all-reduced in float64, so every rank returns the identical result.
+
+Example:
+
+```python
+>>> from collapse_guard.testing import tiny_tokenizer, tiny_causal_lm, human_like_sentences
+>>> tok = tiny_tokenizer()
+>>> evaluator = HeldoutPerplexity(human_like_sentences(8), tok, context_length=64)
+>>> result = evaluator.compute(tiny_causal_lm(tok))
+>>> len(result.per_document), result.n_tokens > 0
+(8, True)
+```
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# Bytes of fp32 logits one cross-entropy chunk may hold: big enough to keep the head matmul efficient,
+# small enough that it never dominates peak memory (64 MiB = 341 tokens for a 49k vocabulary).
+_LOGITS_CHUNK_BYTES = 64 << 20
+# A batch may pad each window by up to this share of the batch's longest window; past it a new batch
+# starts, unless the batch is still below _MIN_BATCH_TOKENS padded tokens (too small to run efficiently).
+_PADDING_TOLERANCE = 0.1
+_MIN_BATCH_TOKENS = 1024
+
+
+@dataclass
+class PerplexityResult:
+    """Corpus and per-document perplexity; identical on every rank."""
+
+    perplexity: float = field(metadata={"help": "exp(nll_sum / n_tokens)."})
+    nll_sum: float = field(metadata={"help": "Summed token negative log-likelihood (nats), all-reduced across ranks."})
+    n_tokens: int = field(metadata={"help": "Number of predicted (scored) tokens, all-reduced across ranks."})
+    per_document: list[float] = field(
+        metadata={"help": "Perplexity of each document in input order; NaN for documents shorter than 2 tokens."}
+    )
+    n_skipped: int = field(default=0, metadata={"help": "Documents shorter than 2 tokens (nothing to predict)."})
+
+
+@dataclass(frozen=True)
+class _Window:
+    doc: int  # index of the document in the input list
+    start: int  # first token of the window in the document
+    end: int  # one past the last token
+    score_from: int  # first window position whose token is scored (>= 1: position 0 has no context)
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # [B, L], right padded
+    attention_mask: torch.Tensor  # [B, L]
+    score_mask: torch.Tensor  # [B, L - 1]: hidden state at p predicts token p + 1
+    targets: torch.Tensor  # [N] token ids of the scored positions, in score_mask order
+    doc_index: torch.Tensor  # [N] document of each scored position
+
+
+class HeldoutPerplexity:
+    """Perplexity of a model on a fixed held-out set, at a fixed context, identical across rounds.
+
+    Args:
+        texts: the held-out documents (human text). Fixed for the lifetime of the evaluator.
+        tokenizer: tokenizer of the models to evaluate; used once, here.
+        context_length: tokens per window. Without `stride`, documents are cut into non-overlapping blocks
+            of this length (the first token of each block is context only).
+        stride: when set, sliding windows of `context_length` advance by `stride` tokens and only the tokens
+            new to each window are scored, so every token after the first sees up to `context_length - stride`
+            tokens of context. Must be in [1, context_length].
+        max_batch_tokens: padded tokens (batch size x longest window) per forward pass.
+
+    Example:
+
+    ```python
+    >>> from collapse_guard.testing import tiny_tokenizer, tiny_causal_lm
+    >>> tok = tiny_tokenizer()
+    >>> ppl = HeldoutPerplexity(["The river crossed the valley at dusk."] * 3, tok, context_length=4, stride=2)
+    >>> ppl.compute(tiny_causal_lm(tok)).perplexity > 1
+    True
+    ```
+    """
+
+    def __init__(
+        self,
+        texts: list[str],
+        tokenizer,
+        context_length: int = 512,
+        stride: int | None = None,
+        max_batch_tokens: int = 16384,
+        *,
+        allow_empty: bool = False,
+    ) -> None:
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}; wrap a single text in a list.")
+        if not texts and not allow_empty:
+            raise ValueError("texts is empty: pass at least one held-out document (a list of strings).")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str.")
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (one context token + one predicted), got {context_length}.")
+        if stride is not None and not 1 <= stride <= context_length:
+            raise ValueError(f"stride must be in [1, context_length={context_length}] or None for blocks, got {stride}.")
+        if max_batch_tokens < context_length:
+            raise ValueError(
+                f"max_batch_tokens={max_batch_tokens} is smaller than context_length={context_length}; "
+                "raise max_batch_tokens to at least one window."
+            )
+        self.context_length = context_length
+        self.stride = stride
+        self.max_batch_tokens = max_batch_tokens
+        self.pad_token_id = _pad_id(tokenizer)
+        encoded = tokenizer(list(texts), verbose=False)["input_ids"] if texts else []
+        self.token_ids: list[list[int]] = [list(ids) for ids in encoded]
+        self.windows = [w for doc, ids in enumerate(self.token_ids) for w in self._windows(doc, len(ids))]
+        # Longest first: batches hold windows of similar length, so padding stays small.
+        self.windows.sort(key=lambda w: (-(w.end - w.start), w.doc, w.start))
+        self.n_documents = len(self.token_ids)
+        self.n_skipped = sum(len(ids) < 2 for ids in self.token_ids)
+        if texts and self.n_skipped == len(texts) and not allow_empty:
+            raise ValueError(
+                f"all {len(texts)} documents are shorter than 2 tokens: nothing to predict; pass longer texts."
+            )
+        self._batches: dict[tuple[int, int], list[_Batch]] = {}
+        self._split_ok: dict[int, bool] = {}
+
+    def _windows(self, doc: int, n: int) -> list[_Window]:
+        if n < 2:
+            return []
+        size = self.context_length
+        if self.stride is None:
+            # A trailing 1-token block predicts nothing (its token would need the previous block as context).
+            return [_Window(doc, s, min(s + size, n), 1) for s in range(0, n, size) if min(s + size, n) - s >= 2]
+        windows, prev_end = [], 0
+        for begin in range(0, n, self.stride):
+            end = min(begin + size, n)
+            windows.append(_Window(doc, begin, end, max(prev_end - begin, 1)))
+            prev_end = end
+            if end == n:
+                break
+        return windows
+
+    def compute(self, model) -> PerplexityResult:
+        """Scores the held-out set with `model` (plain, PEFT, DDP/FSDP/DeepSpeed-wrapped); restores train mode."""
+        world, rank = _world()
+        if world > 1:
+            _check_same_documents(self.n_documents, _comm_device(model))
+        nll, count = self._local_sums(model, world, rank, sync_steps=world > 1 and _is_sharded(model))
+        if world > 1:
+            sums = torch.cat([nll, count]).to(_comm_device(model))
+            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
+            sums = sums.cpu()
+            nll, count = sums[: self.n_documents], sums[self.n_documents :]
+        return _result(nll, count, self.n_skipped)
+
+    def _local_sums(self, model, world: int, rank: int, sync_steps: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-document (nll, scored tokens) for this rank's shard, float64 on CPU."""
+        inner = unwrap_causal_lm(model)
+        device = _input_device(inner)
+        nll = torch.zeros(self.n_documents, dtype=torch.float64, device=_acc_device(device))
+        count = torch.zeros(self.n_documents, dtype=torch.float64, device=nll.device)
+        batches = self._shard_batches(world, rank)
+        # Sharded models (FSDP) gather parameters collectively inside forward: every rank must run the same
+        # number of forwards, so ranks with fewer batches run throwaway ones.
+        n_steps = max(len(self._shard_batches(world, r)) for r in range(world)) if sync_steps else len(batches)
+        split = not sync_steps and self._can_split(inner, device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                for step in range(n_steps):
+                    batch = batches[step] if step < len(batches) else (batches or self._shard_batches(1, 0))[0]
+                    runner = _score_split if split else _score_full
+                    batch_nll = runner(inner if split else model, batch, device)
+                    if step < len(batches):
+                        doc_index = batch.doc_index.to(nll.device)
+                        nll.index_add_(0, doc_index, batch_nll.to(nll.device, torch.float64))
+                        count.index_add_(0, doc_index, torch.ones_like(doc_index, dtype=torch.float64))
+        finally:
+            model.train(was_training)
+        return nll.cpu(), count.cpu()
+
+    def _shard_batches(self, world: int, rank: int) -> list[_Batch]:
+        key = (world, rank)
+        if key not in self._batches:
+            # Round-robin over length-sorted windows: every rank gets the same mix of long and short windows.
+            self._batches[key] = self._pack(self.windows[rank::world])
+        return self._batches[key]
+
+    def _pack(self, windows: list[_Window]) -> list[_Batch]:
+        batches, current = [], []
+        for w in windows:  # sorted longest first, so current[0] is the longest of its batch
+            longest = current[0].end - current[0].start if current else 0
+            full = (len(current) + 1) * longest > self.max_batch_tokens
+            # Close a batch that is big enough once the next window would add too much padding: a token
+            # budget alone would pad a whole corpus of short documents to its longest one.
+            ragged = len(current) * longest >= _MIN_BATCH_TOKENS and (
+                w.end - w.start < (1 - _PADDING_TOLERANCE) * longest
+            )
+            if current and (full or ragged):
+                batches.append(self._collate(current))
+                current = []
+            current.append(w)
+        if current:
+            batches.append(self._collate(current))
+        return batches
+
+    def _collate(self, windows: list[_Window]) -> _Batch:
+        length = max(w.end - w.start for w in windows)
+        input_ids = torch.full((len(windows), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(windows), length), dtype=torch.long)
+        score_mask = torch.zeros((len(windows), length - 1), dtype=torch.bool)
+        docs = torch.empty(len(windows), dtype=torch.long)
+        for row, w in enumerate(windows):
+            n = w.end - w.start
+            input_ids[row, :n] = torch.tensor(self.token_ids[w.doc][w.start : w.end])
+            attention_mask[row, :n] = 1
+            score_mask[row, w.score_from - 1 : n - 1] = True
+            docs[row] = w.doc
+        targets = input_ids[:, 1:][score_mask]
+        doc_index = docs[:, None].expand_as(score_mask)[score_mask]
+        return _Batch(input_ids, attention_mask, score_mask, targets, doc_index)
+
+    def _can_split(self, inner, device: torch.device) -> bool:
+        """Whether decoder -> head reproduces the model's own logits (no softcapping, scaling, ...)."""
+        if id(inner) not in self._split_ok:
+            parts = _decoder_and_head(inner)
+            ok = False
+            if parts is not None:
+                ids = torch.tensor([[i % 7 + 3 for i in range(8)]], device=device)
+                was_training = inner.training
+                inner.eval()
+                try:
+                    with torch.inference_mode():
+                        full = inner(input_ids=ids, use_cache=False).logits.float()
+                        hidden = parts[0](input_ids=ids, use_cache=False)[0]
+                        split = parts[1](hidden).float()
+                    ok = full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)
+                except (TypeError, AttributeError, RuntimeError, ValueError):
+                    ok = False
+                finally:
+                    inner.train(was_training)
+            self._split_ok[id(inner)] = ok
+        return self._split_ok[id(inner)]
+
+
+def document_perplexities(
+    model, tokenizer, texts: list[str], context_length: int = 512, max_batch_tokens: int = 16384
+) -> list[float]:
+    """Perplexity of each text on this process only (no all-reduce); NaN for texts shorter than 2 tokens.
+
+    Example:
+
+    ```python
+    >>> from collapse_guard.testing import tiny_tokenizer, tiny_causal_lm
+    >>> tok = tiny_tokenizer()
+    >>> ppl = document_perplexities(tiny_causal_lm(tok), tok, ["The river crossed the valley.", ""])
+    >>> ppl[0] > 1, math.isnan(ppl[1])
+    (True, True)
+    ```
+    """
+    evaluator = HeldoutPerplexity(texts, tokenizer, context_length, None, max_batch_tokens, allow_empty=True)
+    if not evaluator.windows:
+        return [math.nan] * len(texts)
+    nll, count = evaluator._local_sums(model, 1, 0, sync_steps=False)
+    return _result(nll, count, evaluator.n_skipped).per_document
+
+
+def unwrap_causal_lm(model):
+    """The causal LM inside DDP / FSDP / DeepSpeed / torch.compile / PEFT wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, FSDP1, DeepSpeed
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT: LoRA layers stay inside
+            model = model.get_base_model()
+    return model
+
+
+def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if decoder is None or decoder is model:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(head, torch.nn.Module) or not isinstance(decoder, torch.nn.Module) or decoder is model:
+        return None
+    return decoder, head
+
+
+def _score_split(inner, batch: _Batch, device: torch.device) -> torch.Tensor:
+    decoder, head = _decoder_and_head(inner)
+    hidden = decoder(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
+    )[0]
+    selected = hidden[:, :-1][batch.score_mask.to(device)]  # [N, H]: only positions that predict a real token
+    del hidden
+    targets = batch.targets.to(device)
+    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    chunk = max(1, _LOGITS_CHUNK_BYTES // (4 * vocab))
+    parts = [
+        F.cross_entropy(head(selected[s : s + chunk]).float(), targets[s : s + chunk], reduction="none")
+        for s in range(0, selected.shape[0], chunk)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, device=device)
+
+
+def _score_full(model, batch: _Batch, device: torch.device) -> torch.Tensor:
+    # Fallback for sharded models and heads that post-process logits: the model builds the logits itself.
+    logits = model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
+    ).logits
+    selected = logits[:, :-1][batch.score_mask.to(logits.device)]
+    return F.cross_entropy(selected.float(), batch.targets.to(logits.device), reduction="none")
+
+
+def _result(nll: torch.Tensor, count: torch.Tensor, n_skipped: int) -> PerplexityResult:
+    nll_sum, n_tokens = float(nll.sum()), int(count.sum())
+    per_document = [math.exp(n / c) if c > 0 else math.nan for n, c in zip(nll.tolist(), count.tolist(), strict=True)]
+    perplexity = math.exp(nll_sum / n_tokens) if n_tokens else math.nan
+    return PerplexityResult(perplexity, nll_sum, n_tokens, per_document, n_skipped)
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0  # padded positions are masked out and never scored, so any valid id works
+
+
+def _world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _is_sharded(model) -> bool:
+    """Whether forward passes are collective (FSDP, DeepSpeed ZeRO-3): all ranks must run the same number."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
+        return True
+    # DeepSpeed ZeRO-3 partitions parameters (marked with ds_id) and gathers them collectively in forward.
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _input_device(model) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def _acc_device(device: torch.device) -> torch.device:
+    return device if device.type == "cuda" else torch.device("cpu")  # float64 accumulators (MPS has none)
+
+
+def _comm_device(model) -> torch.device:
+    backend = str(torch.distributed.get_backend())
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_same_documents(n_documents: int, device: torch.device) -> None:
+    sizes = torch.tensor([n_documents, -n_documents], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX)
+    if int(sizes[0]) != -int(sizes[1]):
+        raise ValueError(
+            f"ranks hold different held-out sets ({-int(sizes[1])} to {int(sizes[0])} documents); "
+            "pass the same texts on every rank."
+        )

@@ -1,0 +1,251 @@
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from collapse_guard.metrics import HeldoutPerplexity, document_perplexities, load_metric
+from collapse_guard.metrics.perplexity import unwrap_causal_lm
+from collapse_guard.testing import human_like_sentences
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from ppl_dist import heldout_texts  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models on a loaded 2-core machine: several intra-op threads spin against each other (100x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def naive_perplexity(model, tokenizer, texts, context_length, stride=None):
+    """Independent reference: one window at a time through the model's own loss, weighted by token counts."""
+    nll, n, per_doc = 0.0, 0, []
+    with torch.no_grad():
+        for ids in tokenizer(texts)["input_ids"]:
+            doc_nll, doc_n, prev_end = 0.0, 0, 0
+            starts = range(0, len(ids), stride or context_length)
+            for begin in starts if len(ids) >= 2 else []:
+                end = min(begin + context_length, len(ids))
+                labels = list(ids[begin:end])
+                if stride is not None:  # HF perplexity guide: only the tokens new to this window are scored
+                    for j in range(len(labels) - (end - prev_end)):
+                        labels[j] = -100
+                scored = sum(label != -100 for label in labels[1:])
+                if scored:
+                    loss = model(input_ids=torch.tensor([ids[begin:end]]), labels=torch.tensor([labels])).loss
+                    doc_nll += loss.item() * scored
+                    doc_n += scored
+                prev_end = end
+                if stride is not None and end == len(ids):
+                    break
+            per_doc.append(math.exp(doc_nll / doc_n) if doc_n else math.nan)
+            nll, n = nll + doc_nll, n + doc_n
+    return math.exp(nll / n), n, per_doc
+
+
+def assert_same_docs(ours, reference, rel=1e-4):
+    assert len(ours) == len(reference)
+    for a, b in zip(ours, reference, strict=True):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=rel)
+
+
+@pytest.mark.parametrize("stride", [None, 5])
+def test_matches_naive_token_weighted_loss(tokenizer, tiny_model, stride):
+    texts = heldout_texts()
+    result = HeldoutPerplexity(texts, tokenizer, context_length=16, stride=stride, max_batch_tokens=64).compute(
+        tiny_model
+    )
+    ppl, n, per_doc = naive_perplexity(tiny_model, tokenizer, texts, 16, stride)
+    assert result.n_tokens == n
+    assert result.perplexity == pytest.approx(ppl, rel=1e-4)
+    assert result.nll_sum == pytest.approx(math.log(ppl) * n, rel=1e-4)
+    assert result.n_skipped == 1 and math.isnan(result.per_document[-1])
+    assert_same_docs(result.per_document, per_doc)
+
+
+def test_batching_does_not_change_the_result(tokenizer, tiny_model):
+    texts = heldout_texts()
+    small = HeldoutPerplexity(texts, tokenizer, context_length=16, max_batch_tokens=16).compute(tiny_model)
+    large = HeldoutPerplexity(texts, tokenizer, context_length=16, max_batch_tokens=4096).compute(tiny_model)
+    assert small.perplexity == pytest.approx(large.perplexity, rel=1e-6)
+    assert_same_docs(small.per_document, large.per_document, rel=1e-6)
+
+
+def test_stride_gives_more_context_and_scores_every_token_once(tokenizer, tiny_model):
+    texts = heldout_texts()
+    blocks = HeldoutPerplexity(texts, tokenizer, context_length=8).compute(tiny_model)
+    strided = HeldoutPerplexity(texts, tokenizer, context_length=8, stride=2).compute(tiny_model)
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    assert strided.n_tokens == sum(n - 1 for n in lengths if n >= 2)  # each token after the first, once
+    assert blocks.n_tokens < strided.n_tokens  # block starts are context only
+
+
+def test_repeated_compute_is_identical_and_restores_train_mode(tokenizer, tiny_model):
+    evaluator = HeldoutPerplexity(heldout_texts(), tokenizer, context_length=16)
+    tiny_model.train()
+    first, second = evaluator.compute(tiny_model), evaluator.compute(tiny_model)
+    assert first == second
+    assert tiny_model.training
+    tiny_model.eval()
+    evaluator.compute(tiny_model)
+    assert not tiny_model.training
+
+
+def test_training_changes_perplexity(tokenizer, tiny_model):
+    texts = human_like_sentences(8)
+    evaluator = HeldoutPerplexity(texts, tokenizer, context_length=32)
+    before = evaluator.compute(tiny_model).perplexity
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-2)
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    for _ in range(20):
+        optimizer.zero_grad()
+        tiny_model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    assert evaluator.compute(tiny_model).perplexity < before / 2
+
+
+def test_document_perplexities(tokenizer, tiny_model):
+    texts = ["The river crossed the valley at dusk.", "", "A farmer opened the new school after lunch."]
+    ppl = document_perplexities(tiny_model, tokenizer, texts, context_length=16)
+    _, _, reference = naive_perplexity(tiny_model, tokenizer, texts, 16)
+    assert_same_docs(ppl, reference)
+    assert math.isnan(ppl[1])
+    assert document_perplexities(tiny_model, tokenizer, []) == []
+    assert all(math.isnan(p) for p in document_perplexities(tiny_model, tokenizer, ["", ""]))
+
+
+def test_peft_lora_equals_merged_model(tokenizer, tiny_model):
+    peft = pytest.importorskip("peft")
+    texts = heldout_texts()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False)  # random B: the adapter really changes the outputs
+    base_ppl = HeldoutPerplexity(texts, tokenizer, context_length=16).compute(tiny_model).perplexity
+    wrapped = peft.get_peft_model(copy.deepcopy(tiny_model), config)
+    assert unwrap_causal_lm(wrapped) is wrapped.get_base_model()
+    peft_result = HeldoutPerplexity(texts, tokenizer, context_length=16).compute(wrapped)
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    merged_result = HeldoutPerplexity(texts, tokenizer, context_length=16).compute(merged)
+    assert peft_result.perplexity == pytest.approx(merged_result.perplexity, rel=1e-4)
+    assert peft_result.perplexity != pytest.approx(base_ppl, rel=1e-3)
+
+
+def test_post_processed_logits_fall_back_to_the_full_forward(tokenizer, tiny_model):
+    class ScaledLogits(type(tiny_model)):  # like Gemma2 softcapping / Cohere logit_scale: head != logits
+        def forward(self, *args, labels=None, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            if labels is not None:
+                out.loss = self.loss_function(logits=out.logits, labels=labels, vocab_size=self.config.vocab_size)
+            return out
+
+    model = ScaledLogits(tiny_model.config)
+    model.load_state_dict(tiny_model.state_dict())
+    texts = heldout_texts()
+    evaluator = HeldoutPerplexity(texts, tokenizer, context_length=16)
+    result = evaluator.compute(model)
+    assert evaluator._split_ok == {id(model): False}
+    assert result.perplexity == pytest.approx(naive_perplexity(model, tokenizer, texts, 16)[0], rel=1e-4)
+    HeldoutPerplexity(texts, tokenizer, context_length=16).compute(tiny_model)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"texts": []}, ValueError, "texts is empty"),
+        ({"texts": "one text"}, TypeError, "list of strings"),
+        ({"texts": ["ok text here", 3]}, TypeError, r"texts\[1\]"),
+        ({"texts": ["", ""]}, ValueError, "shorter than 2 tokens"),
+        ({"context_length": 1}, ValueError, "context_length"),
+        ({"stride": 0}, ValueError, "stride"),
+        ({"stride": 64, "context_length": 32}, ValueError, "stride"),
+        ({"max_batch_tokens": 8, "context_length": 32}, ValueError, "max_batch_tokens"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(tokenizer, kwargs, error, match):
+    args = {"texts": ["The river crossed the valley."], "tokenizer": tokenizer} | kwargs
+    with pytest.raises(error, match=match):
+        HeldoutPerplexity(**args)
+
+
+def test_evaluate_module_matches_the_function(tokenizer, tiny_model, tiny_model_dir):
+    texts = heldout_texts()
+    direct = HeldoutPerplexity(texts, tokenizer, context_length=16, stride=5).compute(tiny_model)
+    metric = load_metric("heldout_perplexity")
+    out = metric.compute(predictions=texts, model=tiny_model, tokenizer=tokenizer, context_length=16, stride=5)
+    assert out["perplexity"] == pytest.approx(direct.perplexity, rel=1e-9)
+    assert out["n_tokens"] == direct.n_tokens
+    by_dir = metric.compute(predictions=texts, model_id=str(tiny_model_dir), context_length=16, stride=5)
+    assert by_dir["perplexity"] == pytest.approx(direct.perplexity, rel=1e-5)  # same seed-0 weights, saved
+
+
+def _launch(tmp_path: Path, mode: str) -> list[dict]:
+    script = [str(SCRIPTS / "ppl_dist.py"), str(tmp_path), mode]
+    if mode == "ddp":  # the acceptance setting: 2 CPU processes under accelerate
+        launcher = shutil.which("accelerate") or pytest.skip("accelerate CLI not found")
+        cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *script]
+    else:
+        launcher = shutil.which("torchrun") or pytest.skip("torchrun not found")
+        cmd = [launcher, "--nproc_per_node", "2", "--standalone", *script]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPTS)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _single_process(tokenizer, tiny_model) -> dict:
+    texts = heldout_texts()
+    return {
+        name: HeldoutPerplexity(texts, tokenizer, context_length=16, stride=stride, max_batch_tokens=64).compute(
+            tiny_model
+        )
+        for name, stride in (("blocks", None), ("stride", 5))
+    }
+
+
+@pytest.mark.distributed
+def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path, tokenizer, tiny_model):
+    rank0, rank1 = _launch(tmp_path, "ddp")
+    assert rank0 == rank1  # identical on every rank, bit for bit
+    assert rank0["world_size"] == 2 and rank0["ddp_training_after"] is True
+    for name, single in _single_process(tokenizer, tiny_model).items():
+        for variant in ("plain", "ddp"):
+            got = rank0[variant][name]
+            assert got["n_tokens"] == single.n_tokens
+            assert got["perplexity"] == pytest.approx(single.perplexity, rel=1e-4)
+            assert_same_docs(got["per_document"], single.per_document)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp2_sharded_model_on_two_processes(tmp_path, tokenizer, tiny_model):
+    rank0, rank1 = _launch(tmp_path, "fsdp")
+    assert rank0 == rank1
+    for name, single in _single_process(tokenizer, tiny_model).items():
+        assert rank0["fsdp"][name]["perplexity"] == pytest.approx(single.perplexity, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_its_own_loss():
+    from collapse_guard.resources import human_texts, load_smollm2
+
+    model, tokenizer = load_smollm2()
+    texts = human_texts("lee")[:4]
+    result = HeldoutPerplexity(texts, tokenizer, context_length=128, stride=64).compute(model)
+    ppl, n, per_doc = naive_perplexity(model, tokenizer, texts, 128, 64)
+    assert result.n_tokens == n
+    assert result.perplexity == pytest.approx(ppl, rel=1e-4)
+    assert_same_docs(result.per_document, per_doc)
+    assert 2 < result.perplexity < 100  # a real model on real news text
