@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 # Tests never touch a hub: everything is built in-process or ships in installed packages.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,6 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
+# Tiny models are dominated by per-op overhead: one intra-op thread is faster, and far faster on a busy machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
