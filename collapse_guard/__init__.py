@@ -20,6 +20,20 @@ from collapse_guard.metrics import (
 )
 from collapse_guard.mixing import MixingCollator, MixingCollatorCallback, check_same_format, mix_datasets
 from collapse_guard.provenance import ProvenanceIndex, make_provenance, tokenize_like_sft, with_provenance
+from collapse_guard.selection import (
+    ContaminationFilter,
+    DedupSelector,
+    PerplexitySelector,
+    PrivacyFilter,
+    RewardModelSelector,
+    SelectionPipeline,
+    Selector,
+    VerifierSelector,
+    breakdown_point,
+    exact_answer_match,
+    numeric_match,
+    regex_format,
+)
 
 __version__ = "0.1.0"
 
@@ -27,8 +41,10 @@ __all__ = [
     "PRESETS",
     "CollapseDetector",
     "CollapseGuardCallback",
+    "ContaminationFilter",
     "ContinuationConfig",
     "ContinuationGenerator",
+    "DedupSelector",
     "DetectorConfig",
     "HeldoutPerplexity",
     "MagpieConfig",
@@ -36,16 +52,26 @@ __all__ = [
     "MixingCollator",
     "MixingCollatorCallback",
     "PerplexityResult",
+    "PerplexitySelector",
+    "PrivacyFilter",
     "ProvenanceIndex",
+    "RewardModelSelector",
+    "SelectionPipeline",
+    "Selector",
     "Verdict",
+    "VerifierSelector",
+    "breakdown_point",
     "check_same_format",
     "derive_template",
     "diversity_metrics",
     "document_perplexities",
+    "exact_answer_match",
     "load_metric",
     "make_provenance",
     "mix_datasets",
+    "numeric_match",
     "perplexity_concentration",
+    "regex_format",
     "tokenize_like_sft",
     "with_provenance",
 ]

@@ -1,0 +1,67 @@
+"""Selectors: keep only the synthetic samples worth learning from (Feng et al. 2024, "Beyond Model Collapse").
+
+Each selector is one small class; compose them with `SelectionPipeline`, or hand one to
+`MixingCollator(synthetic_filter=selector.as_batch_filter())` to filter at batch time.
+
+Example:
+
+```python
+>>> from collapse_guard.selection import DedupSelector, PrivacyFilter, SelectionPipeline
+>>> pipeline = SelectionPipeline([DedupSelector(), PrivacyFilter()])
+>>> len(pipeline(["An answer.", "An answer.", "Call 555-123-4567."])), pipeline.report["dropped"]
+(1, 2)
+
+```
+"""
+
+from collapse_guard.selection.base import (
+    SelectionPipeline,
+    SelectionPolicy,
+    Selector,
+    conversations,
+    data_format,
+    prompts_and_responses,
+    write_rejects,
+)
+from collapse_guard.selection.dedup import ContaminationFilter, DedupSelector, normalize_words
+from collapse_guard.selection.perplexity import PerplexitySelector
+from collapse_guard.selection.privacy import PII_PATTERNS, PrivacyFilter, find_pii, luhn_valid
+from collapse_guard.selection.reward_model import RewardModelSelector, check_reward_model
+from collapse_guard.selection.verifier import (
+    VerifierSelector,
+    breakdown_point,
+    exact_answer_match,
+    extract_answer,
+    normalize_answer,
+    numeric_match,
+    regex_format,
+    selection_quality,
+)
+
+__all__ = [
+    "PII_PATTERNS",
+    "ContaminationFilter",
+    "DedupSelector",
+    "PerplexitySelector",
+    "PrivacyFilter",
+    "RewardModelSelector",
+    "SelectionPipeline",
+    "SelectionPolicy",
+    "Selector",
+    "VerifierSelector",
+    "breakdown_point",
+    "check_reward_model",
+    "conversations",
+    "data_format",
+    "exact_answer_match",
+    "extract_answer",
+    "find_pii",
+    "luhn_valid",
+    "normalize_answer",
+    "normalize_words",
+    "numeric_match",
+    "prompts_and_responses",
+    "regex_format",
+    "selection_quality",
+    "write_rejects",
+]
