@@ -1,6 +1,7 @@
 """collapse_guard: keep Hugging Face fine-tuning from collapsing when it learns from synthetic data."""
 
 from collapse_guard.callbacks import CollapseGuardCallback
+from collapse_guard.config import LoopConfig, config_from_dict, load_config
 from collapse_guard.detector import CollapseDetector, DetectorConfig, Verdict
 from collapse_guard.generation import (
     PRESETS,
@@ -10,6 +11,7 @@ from collapse_guard.generation import (
     MagpieGenerator,
     derive_template,
 )
+from collapse_guard.loop import run_recipe, run_rounds
 from collapse_guard.metrics import (
     HeldoutPerplexity,
     PerplexityResult,
@@ -20,6 +22,7 @@ from collapse_guard.metrics import (
 )
 from collapse_guard.mixing import MixingCollator, MixingCollatorCallback, check_same_format, mix_datasets
 from collapse_guard.provenance import ProvenanceIndex, make_provenance, tokenize_like_sft, with_provenance
+from collapse_guard.report import write_comparison, write_report
 from collapse_guard.selection import (
     ContaminationFilter,
     DedupSelector,
@@ -47,6 +50,7 @@ __all__ = [
     "DedupSelector",
     "DetectorConfig",
     "HeldoutPerplexity",
+    "LoopConfig",
     "MagpieConfig",
     "MagpieGenerator",
     "MixingCollator",
@@ -62,16 +66,22 @@ __all__ = [
     "VerifierSelector",
     "breakdown_point",
     "check_same_format",
+    "config_from_dict",
     "derive_template",
     "diversity_metrics",
     "document_perplexities",
     "exact_answer_match",
+    "load_config",
     "load_metric",
     "make_provenance",
     "mix_datasets",
     "numeric_match",
     "perplexity_concentration",
     "regex_format",
+    "run_recipe",
+    "run_rounds",
     "tokenize_like_sft",
     "with_provenance",
+    "write_comparison",
+    "write_report",
 ]

@@ -67,6 +67,11 @@ class DetectorConfig:
     self_bleu_signal: str = field(default="self_bleu4", metadata={"help": "History key of self-BLEU-4."})
     self_bleu_ratio_warn: float = field(default=1.10, metadata={"help": "Warn when self-BLEU-4 ratio > this."})
     self_bleu_ratio_alarm: float = field(default=1.25, metadata={"help": "Alarm when self-BLEU-4 ratio > this."})
+    self_bleu_min_rise: float = field(
+        default=0.05,
+        metadata={"help": "The self-BLEU-4 rules also need an absolute rise of at least this (BLEU on a 0-1 scale): "
+                          "varied generations have self-BLEU near 0.05, where a ratio of 1.5 is sampling noise."},
+    )
     low_ppl_signal: str = field(
         default="low_ppl_share",
         metadata={"help": "History key of the share of generations below the human 25th ppl percentile."},
@@ -87,7 +92,7 @@ class DetectorConfig:
         self.nonfinite_alarm_signals = tuple(self.nonfinite_alarm_signals)
         for name in ("ppl_ratio_warn", "ppl_ratio_alarm", "self_bleu_ratio_warn", "self_bleu_ratio_alarm",
                      "diversity_ratio_warn", "diversity_ratio_alarm", "low_ppl_share_warn", "low_ppl_share_alarm",
-                     "ppl_rise_tolerance", "min_baseline"):
+                     "ppl_rise_tolerance", "min_baseline", "self_bleu_min_rise"):
             value = getattr(self, name)
             if not _finite(value) or value < 0:
                 raise ValueError(f"DetectorConfig.{name} must be a finite number >= 0, got {value!r}.")
@@ -265,6 +270,8 @@ class CollapseDetector:
             return
         verdict.signals[f"{name}_ratio"] = ratio
         numbers = f"({baseline[name]:.3f} -> {latest[name]:.3f})"
+        if latest[name] - baseline[name] < c.self_bleu_min_rise:
+            return
         if ratio > c.self_bleu_ratio_alarm:
             verdict.raise_to("alarm", f"self-BLEU-4 rose {_pct(ratio)} over {baseline_label} {numbers}: "
                                       f"alarm at {_pct(c.self_bleu_ratio_alarm)}")

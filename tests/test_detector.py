@@ -57,11 +57,19 @@ def test_diversity_ratios(name):
 
 
 def test_self_bleu_ratio():
-    assert check(BASE, {**BASE, "self_bleu4": 0.23}).level == "warn"
+    assert check({**BASE, "self_bleu4": 0.5}, {**BASE, "self_bleu4": 0.58}).level == "warn"
     alarm = check(BASE, {**BASE, "self_bleu4": 0.3})
     assert alarm.level == "alarm" and "self-BLEU-4 rose 50%" in alarm.reasons[0]
     # a zero baseline gives no meaningful ratio: skipped, not a crash
     assert check({**BASE, "self_bleu4": 0.0}, {**BASE, "self_bleu4": 0.3}).level == "ok"
+
+
+def test_self_bleu_needs_an_absolute_rise():
+    # 0.040 -> 0.061 is a 52% rise, but of sampling-noise size for varied text: not collapse
+    assert check({**BASE, "self_bleu4": 0.040}, {**BASE, "self_bleu4": 0.061}).level == "ok"
+    assert check({**BASE, "self_bleu4": 0.040}, {**BASE, "self_bleu4": 0.103}).level == "alarm"
+    lenient = CollapseDetector(DetectorConfig(self_bleu_min_rise=0.0))
+    assert lenient.check([{**BASE, "self_bleu4": 0.040}, {**BASE, "self_bleu4": 0.061}]).level == "alarm"
 
 
 def test_low_ppl_concentration_is_absolute():

@@ -1,0 +1,57 @@
+"""The examples run on the offline tiny model, each adding one feature to the plain SFT script."""
+
+import difflib
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _added_code_lines(name: str) -> list[str]:
+    def code(path):
+        text = path.read_text()
+        return text[text.index('"""', 3) + 3:].splitlines()  # without the module docstring
+
+    diff = difflib.unified_diff(code(EXAMPLES / "sft_plain.py"), code(EXAMPLES / f"{name}.py"), lineterm="", n=0)
+    return [line for line in diff if line.startswith("+") and not line.startswith("+++")]
+
+
+@pytest.mark.parametrize("name", ["sft_plain", "sft_guard", "sft_selector", "sft_magpie"])
+def test_sft_example_trains(name, tmp_path):
+    trainer, _ = _load(name).main(["--output-dir", str(tmp_path), "--max-steps", "4"])
+    assert trainer.state.global_step == 4
+    assert all(log["loss"] > 0 for log in trainer.state.log_history if "loss" in log)
+
+
+def test_guard_example_is_about_three_lines_more():
+    added = _added_code_lines("sft_guard")
+    assert 3 <= len(added) <= 6, added
+    assert any("MixingCollator(" in line for line in added)
+    assert any("CollapseGuardCallback(" in line for line in added)
+
+
+def test_guard_example_measures_heldout_perplexity(tmp_path):
+    trainer, _ = _load("sft_guard").main(["--output-dir", str(tmp_path), "--max-steps", "4"])
+    guard = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "CollapseGuardCallback")
+    assert guard.history and guard.history[0]["heldout_ppl"] > 1
+    assert trainer.data_collator.real_fraction >= 0.5
+
+
+def test_selector_example_drops_duplicates():
+    added = _added_code_lines("sft_selector")
+    assert len(added) <= 3 and any("SelectionPipeline" in line for line in added)
+
+
+def test_loop_example(tmp_path):
+    summary = _load("sft_loop").main(["--output-dir", str(tmp_path / "loop"), "--rounds", "1"])
+    assert summary["finished"] and [h["round"] for h in summary["history"]] == [0, 1]
+    assert (tmp_path / "loop" / "report.md").exists()
