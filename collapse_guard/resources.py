@@ -50,9 +50,11 @@ def smollm2_gguf_path() -> Path:
 def smollm2_dir() -> Path:
     """A normal transformers model directory for SmolLM2-135M-Instruct (converted once, then cached)."""
     target = CACHE_DIR / "smollm2-135m-instruct"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        if "quantization_config" not in (target / "config.json").read_text():
-            return target
+    config_file = target / "config.json"
+    # a cache written before the quantization_config fix would refuse to train: convert again
+    if config_file.exists() and (target / "model.safetensors").exists() \
+            and "quantization_config" not in config_file.read_text():
+        return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
