@@ -2,7 +2,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,12 +192,11 @@ def test_evaluate_module_matches_the_function(tokenizer, tiny_model, tiny_model_
 def _launch(tmp_path: Path, mode: str) -> list[dict]:
     script = [str(SCRIPTS / "ppl_dist.py"), str(tmp_path), mode]
     if mode == "ddp":  # the acceptance setting: 2 CPU processes under accelerate
-        launcher = shutil.which("accelerate") or pytest.skip("accelerate CLI not found")
-        cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        # the interpreter's own module, not a PATH lookup: CI runs without the venv activated
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *script]
     else:
-        launcher = shutil.which("torchrun") or pytest.skip("torchrun not found")
-        cmd = [launcher, "--nproc_per_node", "2", "--standalone", *script]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *script]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPTS)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
