@@ -195,6 +195,8 @@ class _RealStream:
         self.examples = examples
         self.seed = seed
         self.draws = 0  # draws made by this rank
+        self._cached_epoch: int | None = None
+        self._cached_order = np.arange(0)
 
     def next(self, rank: int, world_size: int) -> dict[str, list[int]]:
         n = len(self.examples)
@@ -206,7 +208,7 @@ class _RealStream:
         return {"input_ids": list(example["input_ids"]), "labels": list(example["labels"])}
 
     def _order(self, epoch: int) -> np.ndarray:
-        if getattr(self, "_cached_epoch", None) != epoch:
+        if self._cached_epoch != epoch:
             self._cached_order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
             self._cached_epoch = epoch
         return self._cached_order
@@ -386,8 +388,9 @@ class MixingCollator:
 
     def _mix_examples(self, features: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
         need_real = math.ceil(self.min_real_fraction * size - 1e-9)
-        real_in = [f for f in features if self._is_real(f)]
-        synthetic_in = self._filter_synthetic([f for f in features if not self._is_real(f)])
+        is_real = [self._is_real(f) for f in features]  # one fingerprint per row
+        real_in = [f for f, real in zip(features, is_real, strict=True) if real]
+        synthetic_in = self._filter_synthetic([f for f, real in zip(features, is_real, strict=True) if not real])
         self._buffer.extend(synthetic_in)
         n_synthetic = min(len(self._buffer), size - max(need_real, len(real_in)))
         n_top_up = size - n_synthetic - len(real_in)

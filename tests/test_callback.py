@@ -25,15 +25,6 @@ HELDOUT = human_like_sentences(24, seed=99)
 PROMPTS = ["The river", "A farmer", "The council", "My neighbour", "The storm", "A young doctor"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny model is dispatch-bound: one thread is ~10x faster than two on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pretrained(tokenizer):
     """A tiny LM that already speaks the human-like language (a sane baseline, like a real pretrained model)."""

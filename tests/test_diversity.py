@@ -18,16 +18,6 @@ from collapse_guard.metrics.diversity import rare_types, resolve_embedding_model
 from collapse_guard.testing import degenerate_sentences, human_like_sentences
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import torch  # the embedding model: one thread avoids intra-op threads spinning on a loaded machine
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_words_lowercase_and_drop_punctuation():
     assert words("The cat's hat, the END!") == ["the", "cat's", "hat", "the", "end"]
 

@@ -18,15 +18,6 @@ sys.path.insert(0, str(SCRIPTS))
 from ppl_dist import heldout_texts  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a loaded 2-core machine: several intra-op threads spin against each other (100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def naive_perplexity(model, tokenizer, texts, context_length, stride=None):
     """Independent reference: one window at a time through the model's own loss, weighted by token counts."""
     nll, n, per_doc = 0.0, 0, []

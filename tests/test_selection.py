@@ -40,15 +40,6 @@ from collapse_guard.testing import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Length(Selector):
     """Score = response length in characters."""
 
@@ -311,17 +302,12 @@ def trained_lm():
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the autouse one
-    try:
-        for _ in range(60):
-            idx = torch.randint(0, len(texts), (32,), generator=g)
-            out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=labels[idx])
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(60):
+        idx = torch.randint(0, len(texts), (32,), generator=g)
+        out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=labels[idx])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
     return model.eval(), tok
 
 
