@@ -232,12 +232,9 @@ class CollapseDetector:
         verdict.signals[c.ppl_signal] = float(latest[c.ppl_signal])
         verdict.signals[f"{c.ppl_signal}_ratio"] = ratio
         numbers = f"({baseline[c.ppl_signal]:.2f} -> {latest[c.ppl_signal]:.2f})"
-        if ratio >= c.ppl_ratio_alarm:
-            verdict.raise_to("alarm", f"held-out ppl rose {_pct(ratio)} over {baseline_label} {numbers}: "
-                                      f"alarm at {_pct(c.ppl_ratio_alarm)}")
-        elif ratio >= c.ppl_ratio_warn:
-            verdict.raise_to("warn", f"held-out ppl rose {_pct(ratio)} over {baseline_label} {numbers}: "
-                                     f"warn at {_pct(c.ppl_ratio_warn)}")
+        _flag(verdict, f"held-out ppl rose {_pct(ratio)} over {baseline_label} {numbers}",
+              alarm=(ratio >= c.ppl_ratio_alarm, f"alarm at {_pct(c.ppl_ratio_alarm)}"),
+              warn=(ratio >= c.ppl_ratio_warn, f"warn at {_pct(c.ppl_ratio_warn)}"))
         if c.ppl_rises_warn and verdict.level != "alarm":
             values = [e.get(c.ppl_signal) for e in history[-(c.ppl_rises_warn + 1):]]
             if len(values) == c.ppl_rises_warn + 1 and all(_finite(v) for v in values) and all(
@@ -253,14 +250,10 @@ class CollapseDetector:
             if ratio is None:
                 continue
             verdict.signals[f"{name}_ratio"] = ratio
-            if ratio < c.diversity_ratio_alarm:
-                verdict.raise_to("alarm", f"{name} fell {_pct(ratio)} below {baseline_label} "
-                                          f"({baseline[name]:.3f} -> {latest[name]:.3f}): alarm at "
-                                          f"{_pct(c.diversity_ratio_alarm)}")
-            elif ratio < c.diversity_ratio_warn:
-                verdict.raise_to("warn", f"{name} fell {_pct(ratio)} below {baseline_label} "
-                                         f"({baseline[name]:.3f} -> {latest[name]:.3f}): warn at "
-                                         f"{_pct(c.diversity_ratio_warn)}")
+            _flag(verdict, f"{name} fell {_pct(ratio)} below {baseline_label} "
+                           f"({baseline[name]:.3f} -> {latest[name]:.3f})",
+                  alarm=(ratio < c.diversity_ratio_alarm, f"alarm at {_pct(c.diversity_ratio_alarm)}"),
+                  warn=(ratio < c.diversity_ratio_warn, f"warn at {_pct(c.diversity_ratio_warn)}"))
 
     def _self_bleu(self, latest, baseline, baseline_label: str, verdict: Verdict) -> None:
         c = self.config
@@ -272,12 +265,9 @@ class CollapseDetector:
         numbers = f"({baseline[name]:.3f} -> {latest[name]:.3f})"
         if latest[name] - baseline[name] < c.self_bleu_min_rise:
             return
-        if ratio > c.self_bleu_ratio_alarm:
-            verdict.raise_to("alarm", f"self-BLEU-4 rose {_pct(ratio)} over {baseline_label} {numbers}: "
-                                      f"alarm at {_pct(c.self_bleu_ratio_alarm)}")
-        elif ratio > c.self_bleu_ratio_warn:
-            verdict.raise_to("warn", f"self-BLEU-4 rose {_pct(ratio)} over {baseline_label} {numbers}: "
-                                     f"warn at {_pct(c.self_bleu_ratio_warn)}")
+        _flag(verdict, f"self-BLEU-4 rose {_pct(ratio)} over {baseline_label} {numbers}",
+              alarm=(ratio > c.self_bleu_ratio_alarm, f"alarm at {_pct(c.self_bleu_ratio_alarm)}"),
+              warn=(ratio > c.self_bleu_ratio_warn, f"warn at {_pct(c.self_bleu_ratio_warn)}"))
 
     def _low_ppl(self, latest, verdict: Verdict) -> None:
         c = self.config
@@ -285,9 +275,14 @@ class CollapseDetector:
         if not _finite(share):
             return
         verdict.signals[c.low_ppl_signal] = float(share)
-        if share > c.low_ppl_share_alarm:
-            verdict.raise_to("alarm", f"{share:.0%} of generations sit below the human 25th ppl percentile "
-                                      f"(human: 25%): alarm above {c.low_ppl_share_alarm:.0%}")
-        elif share > c.low_ppl_share_warn:
-            verdict.raise_to("warn", f"{share:.0%} of generations sit below the human 25th ppl percentile "
-                                     f"(human: 25%): warn above {c.low_ppl_share_warn:.0%}")
+        _flag(verdict, f"{share:.0%} of generations sit below the human 25th ppl percentile (human: 25%)",
+              alarm=(share > c.low_ppl_share_alarm, f"alarm above {c.low_ppl_share_alarm:.0%}"),
+              warn=(share > c.low_ppl_share_warn, f"warn above {c.low_ppl_share_warn:.0%}"))
+
+
+def _flag(verdict: Verdict, finding: str, alarm: tuple[bool, str], warn: tuple[bool, str]) -> None:
+    """Raises the verdict to the first (alarm, then warn) rule that `finding` trips, naming its threshold."""
+    for level, (hit, threshold) in (("alarm", alarm), ("warn", warn)):
+        if hit:
+            verdict.raise_to(level, f"{finding}: {threshold}")
+            return
