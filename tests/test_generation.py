@@ -284,17 +284,17 @@ def test_continuation_fixed_length_and_columns(chat_model, chat_tok):
     config = ContinuationConfig(prefix_tokens=5, max_new_tokens=7, batch_size=4, show_progress=False)
     gen = ContinuationGenerator(chat_model, chat_tok, config)
     ds = gen.generate(texts, seed=0, round_index=2)
-    assert ds.column_names == ["text", "prompt", "provenance"] and len(ds) == 6
+    assert ds.column_names == ["text", "prefix", "provenance"] and len(ds) == 6
     assert gen.stats["new_tokens"] == 6 * 7  # fixed length: EOS is suppressed, as in Shumailov et al.
     for row, text in zip(ds, texts, strict=True):
         prefix = chat_tok.decode(chat_tok(text)["input_ids"][:5])
-        assert row["prompt"] == prefix and row["text"].startswith(prefix) and len(row["text"]) > len(prefix)
+        assert row["prefix"] == prefix and row["text"].startswith(prefix) and len(row["text"]) > len(prefix)
         meta = json.loads(row["provenance"]["meta"])
         assert meta["decoding"]["num_beams"] == 5 and meta["generator"] == "continuation"
         assert row["provenance"]["round"] == 2
     only = ContinuationGenerator(chat_model, chat_tok, ContinuationConfig(**{**config.__dict__, "output": "continuation"}))
     ds2 = only.generate(texts, seed=0)
-    assert [p + t for p, t in zip(ds2["prompt"], ds2["text"], strict=True)] == ds["text"]
+    assert [p + t for p, t in zip(ds2["prefix"], ds2["text"], strict=True)] == ds["text"]
 
 
 def test_continuation_blocks_sampling_is_seeded(chat_model, chat_tok):

@@ -26,9 +26,9 @@ from collapse_guard.selection import (
     exact_answer_match,
     extract_answer,
     numeric_match,
-    prompts_and_responses,
     regex_format,
 )
+from collapse_guard.data import prompts_and_responses
 from collapse_guard.testing import (
     degenerate_sentences,
     human_like_sentences,

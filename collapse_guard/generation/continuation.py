@@ -13,7 +13,7 @@ Example:
 >>> gen = ContinuationGenerator(model, tok, ContinuationConfig(prefix_tokens=4, max_new_tokens=6,
 ...                             show_progress=False))
 >>> gen.generate(human_like_sentences(3)).column_names
-['text', 'prompt', 'provenance']
+['text', 'prefix', 'provenance']
 
 ```
 """
@@ -85,7 +85,7 @@ class ContinuationConfig:
 
 
 class ContinuationGenerator:
-    """Continues prefixes of real texts; `generate` returns `text`, `prompt` and `provenance` columns."""
+    """Continues prefixes of real texts; `generate` returns `text`, `prefix` (the real prompt) and `provenance` columns."""
 
     def __init__(self, model, tokenizer, config: ContinuationConfig | None = None):
         self.config = config or ContinuationConfig()
@@ -141,13 +141,13 @@ class ContinuationGenerator:
         }
         features = Features({
             "text": Value("string"),
-            "prompt": Value("string"),
+            "prefix": Value("string"),
             "provenance": {"source": Value("string"), "round": Value("int64"), "meta": Value("string")},
         })
         dataset = Dataset.from_dict(
             {
                 "text": outputs,
-                "prompt": prompt_texts,
+                "prefix": prompt_texts,
                 "provenance": [make_provenance(SYNTHETIC, round_index, **meta, sample=i) for i in range(len(outputs))],
             },
             features=features,

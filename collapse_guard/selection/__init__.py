@@ -18,9 +18,6 @@ from collapse_guard.selection.base import (
     SelectionPipeline,
     SelectionPolicy,
     Selector,
-    conversations,
-    data_format,
-    prompts_and_responses,
     write_rejects,
 )
 from collapse_guard.selection.dedup import ContaminationFilter, DedupSelector, normalize_words
@@ -51,8 +48,6 @@ __all__ = [
     "VerifierSelector",
     "breakdown_point",
     "check_reward_model",
-    "conversations",
-    "data_format",
     "exact_answer_match",
     "extract_answer",
     "find_pii",
@@ -60,7 +55,6 @@ __all__ = [
     "normalize_answer",
     "normalize_words",
     "numeric_match",
-    "prompts_and_responses",
     "regex_format",
     "selection_quality",
     "write_rejects",

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from collapse_guard.data import as_dataset, prompts_and_responses, require_format
 from collapse_guard.io import atomic_write_json, atomic_write_text
 
 REASON_COLUMN = "reject_reason"
@@ -94,92 +95,13 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def _content(value: Any) -> str:
-    """The text of a string, a message dict or a list of messages (their contents joined)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return str(value.get("content", ""))
-    return "\n".join(_content(v) for v in value)
-
-
-def data_format(column_names: Sequence[str]) -> str:
-    columns = set(column_names)
-    if "messages" in columns:
-        return "messages"
-    if {"prompt", "completion"} <= columns:
-        return "prompt_completion"
-    if "text" in columns:
-        return "text"
-    return "unknown"
-
-
-def _last_assistant(messages: list[dict]) -> int:
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "assistant":
-            return i
-    return -1
-
-
-def conversations(batch: dict[str, list]) -> list[list[dict[str, str]]] | None:
-    """Each row as a chat (messages up to and including the last assistant turn), or None for plain text."""
-    fmt = data_format(list(batch))
-    if fmt == "messages":
-        out = []
-        for messages in batch["messages"]:
-            end = _last_assistant(messages)
-            out.append(list(messages[: end + 1]) if end >= 0 else list(messages))
-        return out
-    if fmt == "prompt_completion":
-        out = []
-        for prompt, completion in zip(batch["prompt"], batch["completion"], strict=True):
-            prompt_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            completion_msgs = (
-                completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-            )
-            out.append(list(prompt_msgs) + list(completion_msgs))
-        return out
-    return None
-
-
-def prompts_and_responses(batch: dict[str, list]) -> tuple[list[str], list[str]]:
-    """(prompt, response) strings per row: the turns before the last assistant turn, and that turn.
-
-    Plain `text` rows have an empty prompt and the whole text as the response.
-    """
-    fmt = data_format(list(batch))
-    if fmt == "messages":
-        prompts, responses = [], []
-        for messages in batch["messages"]:
-            end = _last_assistant(messages)
-            prompts.append(_content(messages[:end] if end >= 0 else messages))
-            responses.append(_content(messages[end]) if end >= 0 else "")
-        return prompts, responses
-    if fmt == "prompt_completion":
-        return [_content(p) for p in batch["prompt"]], [_content(c) for c in batch["completion"]]
-    if fmt == "text":
-        return [""] * len(batch["text"]), [str(t) for t in batch["text"]]
-    raise ValueError(
-        f"cannot find the text in columns {sorted(batch)}: expected 'messages', 'prompt'+'completion' or 'text'."
-    )
-
-
 def _as_dataset(data: Any):
-    from datasets import Dataset
-
-    if isinstance(data, Dataset):
-        return data
-    if isinstance(data, list):
-        if data and isinstance(data[0], str):
-            return Dataset.from_dict({"text": data})
-        return Dataset.from_list(data)
-    if isinstance(data, dict):
-        return Dataset.from_dict(data)
-    raise TypeError(
-        f"a selector takes a datasets.Dataset (or a list of strings / dicts), got {type(data).__name__}."
-    )
+    dataset = as_dataset(data, "a selector's input")
+    if dataset is None or not hasattr(dataset, "select"):
+        raise TypeError(
+            f"a selector takes a datasets.Dataset (or a list of strings / dicts), got {type(data).__name__}."
+        )
+    return dataset
 
 
 def _json_row(row: dict[str, Any]) -> str:
@@ -306,12 +228,7 @@ class Selector:
     def _check(self, dataset) -> None:
         if len(dataset) == 0:
             raise ValueError(f"{self.name}: the dataset is empty (0 rows); there is nothing to select.")
-        if data_format(dataset.column_names) == "unknown":
-            raise ValueError(
-                f"{self.name}: cannot find the text in columns {dataset.column_names}: expected 'messages' "
-                "(chat turns), 'prompt' + 'completion', or 'text'. Rename your column, e.g. "
-                "dataset.rename_column('content', 'text')."
-            )
+        require_format(dataset, f"{self.name}'s input", ("text", "messages", "prompt_completion"))
         missing = [c for c in self.required_columns if c not in dataset.column_names]
         if self.policy.group_column and self.policy.group_column not in dataset.column_names:
             missing.append(self.policy.group_column)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from collapse_guard.selection.base import Selector, conversations, prompts_and_responses
+from collapse_guard.data import conversations, prompts_and_responses
+from collapse_guard.selection.base import Selector
 
 
 def _base_model(model):

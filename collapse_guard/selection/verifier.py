@@ -34,22 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from collapse_guard.selection.base import Selector, data_format
+from collapse_guard.data import content, data_format
+from collapse_guard.selection.base import Selector
 
 Verifier = Callable[..., list]
 
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
-
-
-def _text(completion: Any) -> str:
-    """A completion as a string (TRL passes conversational completions as lists of messages)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, (list, tuple)):
-        return "\n".join(_text(c) for c in completion)
-    return "" if completion is None else str(completion)
 
 
 def _boxed(text: str) -> str | None:
@@ -107,7 +97,7 @@ def exact_answer_match(answer_column: str = "answer") -> Verifier:
         answers = _column(kwargs, answer_column, "exact_answer_match")
         out = []
         for completion, answer in zip(completions, answers, strict=True):
-            predicted = extract_answer(_text(completion))
+            predicted = extract_answer(content(completion))
             out.append(float(predicted is not None and normalize_answer(predicted) == normalize_answer(answer)))
         return out
 
@@ -122,7 +112,7 @@ def numeric_match(answer_column: str = "answer", rel_tol: float = 1e-6, abs_tol:
         answers = _column(kwargs, answer_column, "numeric_match")
         out = []
         for completion, answer in zip(completions, answers, strict=True):
-            predicted = extract_answer(_text(completion))
+            predicted = extract_answer(content(completion))
             p = _to_number(normalize_answer(predicted)) if predicted is not None else None
             a = answer if isinstance(answer, (int, float)) else _to_number(normalize_answer(answer))
             out.append(float(p is not None and a is not None and math.isclose(p, a, rel_tol=rel_tol, abs_tol=abs_tol)))
@@ -138,7 +128,7 @@ def regex_format(pattern: str, flags: int = re.DOTALL, full_match: bool = False)
     match = compiled.fullmatch if full_match else compiled.search
 
     def regex(completions: list, **kwargs: Any) -> list[float]:
-        return [float(match(_text(c).strip() if full_match else _text(c)) is not None) for c in completions]
+        return [float(match(content(c).strip() if full_match else content(c)) is not None) for c in completions]
 
     regex.__name__ = "regex_format"
     return regex
