@@ -52,6 +52,9 @@ def column_names(data: Any) -> list[str]:
     names = getattr(data, "column_names", None)
     if names is None and hasattr(data, "features") and data.features is not None:
         names = list(data.features)
+    if names is None and hasattr(data, "features"):  # a streaming dataset of unknown features: peek
+        first = next(iter(data), None)
+        names = list(first) if isinstance(first, Mapping) else []
     if names is not None:
         return list(names)
     if isinstance(data, Mapping):

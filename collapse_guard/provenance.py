@@ -1,32 +1,36 @@
-"""Where each example came from, and how that survives TRL's preprocessing.
+"""Where each example came from, and how a batch row's source is recognised.
 
-Every example carries a `provenance` struct column: `source` ("real" | "synthetic"), `round`
-(the self-training round that produced it; -1 for human data) and `meta` (a JSON string with
-generator / selector details, one schema for every row so real and synthetic sets concatenate).
+Every example carries a `provenance` struct column: `source` ("real" | "synthetic"), `round` (the
+self-training round that produced it; -1 for human data) and `meta` (a JSON string with generator /
+selector details, one schema for every row so real and synthetic sets concatenate).
 
-TRL's `SFTTrainer` keeps only `input_ids`, `labels` and `seq_lengths` with default settings, so by
-the time a batch reaches the data collator the column is gone. `ProvenanceIndex` recovers it from
-the tokens themselves: it fingerprints the token ids of known examples (tokenized exactly as
-SFTTrainer tokenizes them, or read from a prepared dataset that still holds both columns) and
-looks batches up by fingerprint.
+A batch row's source is read, in order of preference:
+
+1. from its `provenance` key, when the row still carries one (`MixingCollator.attach` asks the
+   Trainer to keep the column, and the collator strips it before the base collator);
+2. from a `SourceIndex` of the trainer's own prepared training set (the exact token ids it feeds);
+3. from a `SourceIndex` of the real pool tokenized like the trainer (packing drops every column, so
+   packed segments can only be recognised this way). Token sequences are compared in a canonical
+   form (one leading BOS and one trailing EOS stripped) and in their truncated forms, so a row
+   recognises whether or not the trainer appended EOS or truncated it at `max_length`.
+
+Fingerprints are 64-bit hashes computed with numpy over whole batches of sequences (8 bytes a key),
+so indexing millions of rows is fast and small.
 
 Example:
 
 ```python
->>> from datasets import Dataset
->>> from collapse_guard.provenance import ProvenanceIndex, with_provenance
->>> from collapse_guard.testing import tiny_tokenizer
->>> tok = tiny_tokenizer()
->>> real = with_provenance(Dataset.from_dict({"text": ["The river crossed the valley."]}), "real")
->>> index = ProvenanceIndex.from_dataset(real, tok)
->>> index.source_of(tokenize_like_sft(real[0], tok)["input_ids"])
-'real'
+>>> from collapse_guard.provenance import SourceIndex, fingerprints
+>>> index = SourceIndex.from_sequences(real=[[5, 6, 7, 2]], synthetic=[[9, 9, 2]], eos_id=2)
+>>> index.sources([[5, 6, 7], [9, 9, 2], [1]])
+['real', 'synthetic', None]
+>>> bool(fingerprints([[1, 2, 3]])[0] == fingerprints([[1, 2, 3]])[0])
+True
 ```
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -39,9 +43,6 @@ SYNTHETIC = "synthetic"
 SOURCES = (REAL, SYNTHETIC)
 HUMAN_ROUND = -1
 
-# SFTConfig.max_length defaults to 1024; sequences are truncated (keep_start) before the collator sees them.
-DEFAULT_MAX_LENGTH = 1024
-
 
 def make_provenance(source: str, round_index: int = HUMAN_ROUND, **meta: Any) -> dict[str, Any]:
     if source not in SOURCES:
@@ -50,134 +51,186 @@ def make_provenance(source: str, round_index: int = HUMAN_ROUND, **meta: Any) ->
 
 
 def with_provenance(dataset, source: str, round_index: int = HUMAN_ROUND, overwrite: bool = False, **meta: Any):
-    """Returns `dataset` with a `provenance` column; rows that already carry one keep it unless `overwrite`."""
+    """`dataset` with a `provenance` column; rows that already carry one keep it unless `overwrite`."""
     record = make_provenance(source, round_index, **meta)
-    if PROVENANCE_COLUMN in dataset.column_names:
+    if PROVENANCE_COLUMN in (dataset.column_names or []):
         if not overwrite:
             return dataset
         dataset = dataset.remove_columns(PROVENANCE_COLUMN)
-    return dataset.add_column(PROVENANCE_COLUMN, [record] * len(dataset))
+    if hasattr(dataset, "add_column") and hasattr(dataset, "__len__"):
+        return dataset.add_column(PROVENANCE_COLUMN, [record] * len(dataset))
+    return dataset.map(lambda _: {PROVENANCE_COLUMN: record})  # IterableDataset
 
 
 def source_of_example(example: dict[str, Any]) -> str | None:
+    """The source a row carries itself (`provenance` struct or a plain `source` key), else None."""
     record = example.get(PROVENANCE_COLUMN)
     if isinstance(record, dict):
-        return record.get("source")
+        source = record.get("source")
+        return source if source in SOURCES else None
     source = example.get("source")
     return source if source in SOURCES else None
 
 
-def fingerprint(input_ids: Sequence[int] | np.ndarray, max_length: int | None = DEFAULT_MAX_LENGTH) -> bytes:
-    """A 16-byte digest of a token sequence (first `max_length` tokens, as SFTTrainer truncates)."""
-    ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
-    if max_length is not None:
-        ids = ids[:max_length]
-    return hashlib.blake2b(ids.tobytes(), digest_size=16).digest()
+# ----- fingerprints ---------------------------------------------------------------------------------------
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _chat_ids(tokenizer, messages, add_generation_prompt: bool = False) -> list[int]:
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )
-    return list(out["input_ids"])
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective scramble of 64-bit words (vectorised; wraps modulo 2**64)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
-def tokenize_like_sft(
-    example: dict[str, Any], tokenizer, text_field: str = "text", max_length: int | None = DEFAULT_MAX_LENGTH
-) -> dict[str, list[int]]:
-    """Tokenizes one raw example the way TRL's SFTTrainer does with default settings.
+def _hash_segments(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """One 64-bit key per segment values[start:start+length].
 
-    Language modeling text gets the EOS token appended; `messages` go through the chat template;
-    prompt-completion pairs get the prompt masked out of `labels` (completion-only loss, TRL's default).
-    The test suite checks this against SFTTrainer itself.
+    Each (position, token) pair is scrambled on its own and the results are summed: unlike a
+    polynomial hash modulo 2**64 this has no structured collisions (Thue-Morse strings), and it is
+    a handful of vectorised numpy operations per batch of sequences.
     """
-    if "input_ids" in example:
-        ids = list(example["input_ids"])
-        labels = list(example.get("labels") or ids)
-    elif "messages" in example:
-        ids = _chat_ids(tokenizer, example["messages"])
-        labels = list(ids)
-    elif "prompt" in example and "completion" in example:
-        prompt, completion = example["prompt"], example["completion"]
-        if isinstance(prompt, list):
-            prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
-            ids = _chat_ids(tokenizer, prompt + completion)
-        else:
-            if not completion.endswith(tokenizer.eos_token):
-                completion = completion + tokenizer.eos_token
-            prompt_ids = tokenizer(prompt)["input_ids"]
-            ids = tokenizer(prompt + completion)["input_ids"]
-        n_prompt = 0
-        for a, b in zip(prompt_ids, ids, strict=False):
-            if a != b:
-                break
-            n_prompt += 1
-        labels = [-100] * n_prompt + ids[n_prompt:]
-    elif text_field in example:
-        text = example[text_field]
-        if not text.endswith(tokenizer.eos_token):
-            text = text + tokenizer.eos_token
-        ids = tokenizer(text)["input_ids"]
-        labels = list(ids)
-    else:
-        raise ValueError(
-            f"cannot tokenize an example with columns {sorted(example)}: expected '{text_field}', 'messages', "
-            "'prompt'+'completion' or 'input_ids'. Pass text_field=... if your text column has another name."
-        )
-    if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    n = len(starts)
+    out = np.zeros(n, dtype=np.uint64)
+    if n == 0:
+        return out
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if total:
+        seg_offsets = np.cumsum(lengths) - lengths
+        rel = np.arange(total, dtype=np.int64) - np.repeat(seg_offsets, lengths)
+        tokens = values[np.repeat(starts.astype(np.int64), lengths) + rel].astype(np.uint64)
+        with np.errstate(over="ignore"):
+            scrambled = _mix64((rel.astype(np.uint64) << np.uint64(32)) ^ (tokens & np.uint64(0xFFFFFFFF))
+                               ^ np.uint64(0x9E3779B97F4A7C15))
+        nonempty = lengths > 0
+        with np.errstate(over="ignore"):
+            out[nonempty] = np.add.reduceat(scrambled, seg_offsets[nonempty])
+    with np.errstate(over="ignore"):
+        return _mix64(out ^ (lengths.astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93)))
 
 
-class ProvenanceIndex:
-    """Maps token-sequence fingerprints to a source ("real" / "synthetic")."""
+def _flatten(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    values = np.fromiter((int(t) for s in sequences for t in s), dtype=np.int64, count=int(lengths.sum()))
+    starts = np.cumsum(lengths) - lengths
+    return values, starts, lengths
 
-    def __init__(self, max_length: int | None = DEFAULT_MAX_LENGTH):
-        self.max_length = max_length
-        self._sources: dict[bytes, str] = {}
+
+def canonical_bounds(values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, bos_id: int | None,
+                     eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) with one leading BOS and one trailing EOS removed from each segment.
+
+    Trainers differ exactly there (SFTTrainer appends EOS to text, a plain tokenizer call does not;
+    some tokenizers prepend BOS), so both the index and the lookups compare this canonical form.
+    """
+    starts, lengths = starts.copy(), lengths.copy()
+    if len(values) == 0:
+        return starts, lengths
+    top = len(values) - 1
+    if bos_id is not None:
+        has = (lengths > 0) & (values[np.minimum(starts, top)] == bos_id)
+        starts[has] += 1
+        lengths[has] -= 1
+    if eos_id is not None:
+        has = (lengths > 0) & (values[np.clip(starts + lengths - 1, 0, top)] == eos_id)
+        lengths[has] -= 1
+    return starts, lengths
+
+
+def _cut(starts: np.ndarray, lengths: np.ndarray, cut: int, keep_end: bool) -> tuple[np.ndarray, np.ndarray]:
+    if keep_end:
+        starts = starts + np.maximum(lengths - cut, 0)
+    return starts, np.minimum(lengths, cut)
+
+
+def fingerprints(sequences: Sequence[Sequence[int]], bos_id: int | None = None, eos_id: int | None = None,
+                 truncate_to: int | None = None, keep_end: bool = False) -> np.ndarray:
+    """64-bit keys of token sequences in canonical form (see `canonical_bounds`), optionally truncated
+    (to the first `truncate_to` tokens, or the last with `keep_end`)."""
+    values, starts, lengths = _flatten(sequences)
+    starts, lengths = canonical_bounds(values, starts, lengths, bos_id, eos_id)
+    if truncate_to is not None:
+        starts, lengths = _cut(starts, lengths, truncate_to, keep_end)
+    return _hash_segments(values, starts, lengths)
+
+
+def arrow_fingerprints(list_array, bos_id: int | None = None, eos_id: int | None = None,
+                       truncations: Iterable[int] = (), keep_end: bool = False) -> list[np.ndarray]:
+    """Keys straight from an Arrow list column (no Python lists): the full canonical form, then one
+    array per truncation length."""
+    import pyarrow as pa
+
+    if isinstance(list_array, pa.ChunkedArray):
+        list_array = list_array.combine_chunks()
+    offsets = list_array.offsets.to_numpy().astype(np.int64)
+    values = list_array.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    values = values[offsets[0]:]
+    starts, lengths = canonical_bounds(values, starts, lengths, bos_id, eos_id)
+    out = [_hash_segments(values, starts, lengths)]
+    for cut in truncations:
+        longer = lengths > cut
+        if longer.any():
+            out.append(_hash_segments(values, *_cut(starts[longer], lengths[longer], cut, keep_end)))
+    return out
+
+
+class SourceIndex:
+    """Sorted fingerprint arrays of real and synthetic sequences (8 bytes a key); vectorised lookups.
+
+    A sequence known as both real and synthetic counts as real: it is human text.
+    """
+
+    def __init__(self, real_keys: Any, synthetic_keys: Any = None, bos_id: int | None = None,
+                 eos_id: int | None = None, origin: str = "fingerprints"):
+        self.real_keys = np.unique(np.asarray(real_keys, dtype=np.uint64))
+        synthetic = np.unique(np.asarray(synthetic_keys if synthetic_keys is not None else [], dtype=np.uint64))
+        self.synthetic_keys = np.setdiff1d(synthetic, self.real_keys, assume_unique=True)
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.origin = origin
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return len(self.real_keys) + len(self.synthetic_keys)
 
-    def add(self, input_ids: Sequence[int], source: str) -> None:
-        key = fingerprint(input_ids, self.max_length)
-        # A sequence seen as both real and synthetic counts as real: it is human text.
-        if self._sources.get(key) != REAL:
-            self._sources[key] = source
+    @property
+    def nbytes(self) -> int:
+        return int(self.real_keys.nbytes + self.synthetic_keys.nbytes)
 
-    def add_many(self, sequences: Iterable[Sequence[int]], source: str) -> None:
-        for ids in sequences:
-            self.add(ids, source)
+    @staticmethod
+    def _member(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+        if len(sorted_keys) == 0:
+            return np.zeros(len(keys), bool)
+        pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+        return sorted_keys[pos] == keys
 
-    def source_of(self, input_ids: Sequence[int]) -> str | None:
-        return self._sources.get(fingerprint(input_ids, self.max_length))
+    def sources(self, sequences: Sequence[Sequence[int]]) -> list[str | None]:
+        """'real' / 'synthetic' / None (unknown) for each token sequence."""
+        if not sequences:
+            return []
+        keys = fingerprints(sequences, self.bos_id, self.eos_id)
+        real = self._member(keys, self.real_keys)
+        synthetic = self._member(keys, self.synthetic_keys)
+        return [REAL if r else SYNTHETIC if s else None for r, s in zip(real, synthetic, strict=True)]
 
     @classmethod
-    def from_dataset(
-        cls,
-        dataset,
-        tokenizer=None,
-        source: str | None = None,
-        text_field: str = "text",
-        max_length: int | None = DEFAULT_MAX_LENGTH,
-    ) -> ProvenanceIndex:
-        """Indexes a raw dataset (tokenized like SFTTrainer) or a prepared one (`input_ids` column).
+    def from_sequences(cls, real: Sequence[Sequence[int]], synthetic: Sequence[Sequence[int]] = (),
+                       bos_id: int | None = None, eos_id: int | None = None) -> SourceIndex:
+        return cls(fingerprints(real, bos_id, eos_id), fingerprints(synthetic, bos_id, eos_id) if synthetic
+                   else None, bos_id, eos_id)
 
-        The source comes from each row's `provenance` column, else from `source`.
-        Passing `trainer.train_dataset` after SFTTrainer preparation is exact: it still holds both
-        `input_ids` and `provenance` (columns are dropped only when the dataloader is built).
-        """
-        index = cls(max_length)
-        has_ids = "input_ids" in dataset.column_names
-        if not has_ids and tokenizer is None:
-            raise ValueError("ProvenanceIndex.from_dataset needs a tokenizer for a dataset without 'input_ids'.")
-        for example in dataset:
-            row_source = source_of_example(example) or source
-            if row_source is None:
-                raise ValueError(
-                    "ProvenanceIndex.from_dataset: a row has no 'provenance' column and no source was given; "
-                    "pass source='real' or 'synthetic', or build the dataset with with_provenance()/mix_datasets()."
-                )
-            ids = example["input_ids"] if has_ids else tokenize_like_sft(example, tokenizer, text_field)["input_ids"]
-            index.add(ids, row_source)
-        return index
+    @classmethod
+    def from_prepared(cls, dataset, batch_size: int = 50_000) -> SourceIndex:
+        """The exact index of a prepared training set that still holds `input_ids` and `provenance`."""
+        real, synthetic = [], []
+        table = dataset.with_format("arrow")
+        for start in range(0, len(dataset), batch_size):
+            chunk = table[start: start + batch_size]
+            keys = arrow_fingerprints(chunk["input_ids"])[0]
+            is_real = np.asarray([p == REAL for p in chunk[PROVENANCE_COLUMN].combine_chunks().field("source")
+                                  .to_pylist()], bool)
+            real.append(keys[is_real])
+            synthetic.append(keys[~is_real])
+        return cls(np.concatenate(real) if real else [], np.concatenate(synthetic) if synthetic else [],
+                   origin="training set")

@@ -33,6 +33,8 @@ from typing import Any, Protocol
 
 import torch
 
+from collapse_guard.distributed import rank_world
+
 BACKENDS = ("auto", "transformers", "vllm")
 
 
@@ -47,6 +49,7 @@ class Decoding:
     num_beams: int = 1
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
+    suppress_tokens: tuple[int, ...] = ()  # never generated (e.g. chat-template role tokens in continuations)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -96,13 +99,6 @@ def batch_seed(seed: int, *parts: int | str) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of the initialized torch.distributed group, (0, 1) otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def unwrap_model(model):
     """The bare model inside a DDP / accelerate wrapper (generate lives there)."""
     while hasattr(model, "module") and not hasattr(model, "generate"):
@@ -147,6 +143,8 @@ class TransformersBackend:
         }
         if decoding.do_sample:
             kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p, top_k=decoding.top_k)
+        if decoding.suppress_tokens:
+            kwargs["suppress_tokens"] = list(decoding.suppress_tokens)
         if stop_strings:
             kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         devices = [device] if device.type == "cuda" else []
@@ -234,7 +232,7 @@ def make_backend(model, tokenizer, backend: str = "auto", batch_size: int = 16) 
         vllm_installed=importlib.util.find_spec("vllm") is not None,
         cuda_available=torch.cuda.is_available(),
         model_path=path or None,
-        world_size=dist_info()[1],
+        world_size=rank_world()[1],
     )
     if choice == "vllm":
         return VLLMBackend(path, tokenizer)
@@ -282,7 +280,7 @@ def generate_texts(
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("cannot generate from an empty prompt.")
     stop_ids, stop_strings = stop_markers(tokenizer, stops or [])
-    rank, world = dist_info()
+    rank, world = rank_world()
     size = batch_size or backend.default_batch_size
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
     batches = [order[s: s + size] for s in range(0, len(order), size)]

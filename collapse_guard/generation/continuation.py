@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +120,10 @@ class ContinuationGenerator:
             raise ValueError(
                 f"no text has prefix_tokens={cfg.prefix_tokens} tokens; pass longer texts or a smaller prefix_tokens."
             )
-        decoding = cfg.to_decoding()
+        # an instruct model may open a chat turn mid-text: its role tokens would leave "system\n\nuser" words
+        tok = self.tokenizer
+        roles = tuple(i for i in (tok.all_special_ids or []) if i not in (tok.eos_token_id, tok.pad_token_id))
+        decoding = dataclasses.replace(cfg.to_decoding(), suppress_tokens=roles)
         prompt_texts = [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompt_ids]
         stops = [] if cfg.fixed_length or not self.tokenizer.eos_token else [self.tokenizer.eos_token]
         completions = generate_texts(
