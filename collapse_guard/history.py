@@ -30,7 +30,8 @@ from collapse_guard.io import atomic_write_json, read_json
 FILENAME = "collapse_history.json"
 VERSION = 2
 # Keys that describe an entry (or its verdict) rather than measure the model.
-META_KEYS = ("round", "step", "final", "level", "reasons", "evidence", "stopped", "floor", "floor_reason", "cost")
+META_KEYS = ("round", "step", "final", "level", "reasons", "evidence", "stopped", "floor_reason", "floor_healthy",
+             "cost")
 # Per-item lists the detector reads; too big to log as scalars.
 LIST_KEYS = ("heldout_doc_nll", "heldout_doc_tokens", "generations")
 

@@ -24,8 +24,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from collapse_guard.io import atomic_write_json, atomic_write_text, read_json
 
 LEVELS = ("ok", "warn", "alarm")
@@ -37,8 +35,7 @@ ABSOLUTE_SIGNALS = ("low_ppl_share",)
 def _thresholds(config: dict[str, Any]) -> dict[str, float]:
     from collapse_guard.detector import DetectorConfig
 
-    overrides = ((config or {}).get("detector") or {}).get("thresholds") or {}
-    d = DetectorConfig(**overrides)
+    d = DetectorConfig(**((config or {}).get("detector") or {}))
     return {"ppl_warn": d.ppl_ratio_warn, "ppl_alarm": d.ppl_ratio_alarm, "div_warn": d.diversity_ratio_warn,
             "div_alarm": d.diversity_ratio_alarm, "bleu_warn": d.self_bleu_ratio_warn,
             "bleu_alarm": d.self_bleu_ratio_alarm, "low_warn": d.low_ppl_share_warn,
@@ -53,14 +50,18 @@ def _ratio(value: Any, base: Any) -> float | None:
 
 def summarize_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Everything a report shows about one run, from its artifacts (history, state, per-round files)."""
+    from collapse_guard.history import FILENAME, History, scalars
+
     run_dir = Path(run_dir)
-    history = read_json(run_dir / "history.json", default=[]) or []
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a folder: give the output_dir of a `collapse-guard run`.")
+    history = [e for e in History.load(run_dir / FILENAME).finals() if "level" in e]
     if not history:
-        raise FileNotFoundError(f"{run_dir} has no history.json: is it a `collapse-guard run` output folder "
-                                "with at least round 0 finished?")
+        raise FileNotFoundError(f"{str(run_dir)!r} holds no finished round ({FILENAME} has no judged round): give the "
+                                "output_dir of a `collapse-guard run` that finished at least round 0.")
+    history = [{"round": e["round"], "level": e["level"], "reasons": e["reasons"], **scalars(e)} for e in history]
     state = read_json(run_dir / "run_state.json", default={}) or {}
-    config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    config = state.get("config") or {}
     base = history[0]
     rounds = []
     for entry in history:

@@ -31,8 +31,6 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-import torch
-
 from collapse_guard.distributed import rank_world
 
 BACKENDS = ("auto", "transformers", "vllm")
@@ -120,10 +118,11 @@ class TransformersBackend:
             raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
         self.pad_id = int(pad)
 
-    @torch.inference_mode()
     def generate_batch(
         self, prompts: list[list[int]], decoding: Decoding, seed: int, stop_ids: list[int], stop_strings: list[str]
     ) -> list[tuple[list[int], bool]]:
+        import torch
+
         device = self.model.device
         width = max(len(p) for p in prompts)
         # Left padding: every prompt ends at the same position, so new tokens line up in one column.
@@ -148,7 +147,7 @@ class TransformersBackend:
         if stop_strings:
             kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # leave the caller's RNG stream untouched
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():  # the caller's RNG stays untouched
             torch.manual_seed(seed)
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = out[:, width:].tolist()
@@ -226,6 +225,8 @@ def resolve_backend(
 
 def make_backend(model, tokenizer, backend: str = "auto", batch_size: int = 16) -> Backend:
     """Builds the backend `resolve_backend` picks for `model` (a model object or a model directory)."""
+    import torch
+
     path = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
     choice = resolve_backend(
         backend,
@@ -295,6 +296,8 @@ def generate_texts(
             mine.update(zip(rows, outs, strict=True))
             bar.update(1)
     if world > 1:
+        import torch
+
         gathered: list[dict[int, tuple[list[int], bool]] | None] = [None] * world
         torch.distributed.all_gather_object(gathered, mine)
         mine = {k: v for part in gathered for k, v in (part or {}).items()}

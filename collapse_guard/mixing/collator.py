@@ -413,7 +413,8 @@ class MixingCollator:
         real_rows += [self._top_up(like) for _ in range(n_top_up)]
         synthetic_rows = [self.synthetic_buffer.popleft() for _ in range(n_synthetic)]
         self._account(units=n_real + n_synthetic, real=n_real, incoming=b, top_up=n_top_up,
-                      synthetic=n_synthetic)
+                      synthetic=n_synthetic, real_tokens=sum(len(r["input_ids"]) for r in real_rows),
+                      synthetic_tokens=sum(len(r["input_ids"]) for r in synthetic_rows))
         return real_rows + synthetic_rows
 
     def _top_up(self, like: list[str]) -> dict[str, Any]:
@@ -478,7 +479,8 @@ class MixingCollator:
                 real_tokens += len(seg["input_ids"])
                 top_up += 1
         self._account(units=real_tokens + synthetic_tokens, real=real_tokens, incoming=incoming_tokens,
-                      top_up=top_up, synthetic=len(chosen), grown=len(out) > len(rows))
+                      top_up=top_up, synthetic=len(chosen), grown=len(out) > len(rows), real_tokens=real_tokens,
+                      synthetic_tokens=synthetic_tokens)
         return out
 
     def _take_synthetic(self, allowance: float) -> list[dict[str, list]]:
@@ -534,7 +536,7 @@ class MixingCollator:
         return [join_segments(b) for b in bins if b], top_up, real_tokens
 
     def _account(self, units: int, real: int, incoming: int, top_up: int, synthetic: int,
-                 grown: bool | None = None) -> None:
+                 grown: bool | None = None, real_tokens: int = 0, synthetic_tokens: int = 0) -> None:
         self.step_units += units
         self.step_real += real
         self.counts["units"] += units
@@ -542,6 +544,8 @@ class MixingCollator:
         self.counts["incoming_units"] += incoming
         self.counts["real_top_up"] += top_up
         self.counts["synthetic_served"] += synthetic
+        self.counts["real_tokens"] += real_tokens
+        self.counts["synthetic_tokens"] += synthetic_tokens
         if grown if grown is not None else units > incoming:
             self.counts["grown_batches"] += 1
         self.counts["extra_units"] += max(0, units - incoming)

@@ -44,6 +44,9 @@ class PerplexitySelector(Selector):
             (degenerate, over-likely text); None disables the lower bound.
         high_percentile: samples above this human percentile are dropped as `high_perplexity`
             (garbage tail); None disables the upper bound.
+        keep: keep at most this many samples, those closest to the human median (in log perplexity) among the
+            ones inside the band: selection from a larger pool, so a round trains on as many synthetic samples
+            as an unselected one (Feng et al. 2024); the rest are dropped as `less_typical`. None: band only.
         context_length / max_batch_tokens: passed to `document_perplexities`.
         target: which text is scored, default `"both"` (prompt + response, as the model reads them).
         **kwargs: further `Selector` options (`name`, `batch_size`, `rejects_path`).
@@ -59,6 +62,7 @@ class PerplexitySelector(Selector):
         high_percentile: float | None = 99.0,
         context_length: int = 512,
         max_batch_tokens: int = 16384,
+        keep: int | None = None,
         **kwargs: Any,
     ):
         kwargs.setdefault("name", "perplexity")
@@ -84,6 +88,9 @@ class PerplexitySelector(Selector):
         self.high_percentile = high_percentile
         self.context_length = context_length
         self.max_batch_tokens = max_batch_tokens
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep must be a positive int or None, got {keep!r}.")
+        self.keep_n = keep
 
     def _perplexities(self, texts: list[str]) -> list[float]:
         from collapse_guard.metrics.perplexity import document_perplexities
@@ -122,4 +129,12 @@ class PerplexitySelector(Selector):
                 reasons.append("high_perplexity")
             else:
                 reasons.append(None)
+        if self.keep_n is not None:
+            finite = self._human_ppl[np.isfinite(self._human_ppl)]
+            center = math.log(float(np.median(finite)))
+            inside = [i for i, r in enumerate(reasons) if r is None]
+            inside.sort(key=lambda i: (abs(math.log(scores[i]) - center), i))
+            for i in inside[self.keep_n:]:
+                reasons[i] = "less_typical"
+            self.stats["human_median"] = math.exp(center)
         return reasons

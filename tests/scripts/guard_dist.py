@@ -12,7 +12,8 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from collapse_guard.callbacks import CollapseGuardCallback
+from collapse_guard.callbacks import CollapseGuardCallback, GuardConfig
+from collapse_guard.probe import ProbeConfig
 from collapse_guard.testing import degenerate_sentences, human_like_sentences, tiny_causal_lm, tiny_tokenizer
 
 
@@ -39,14 +40,16 @@ def main(out: str) -> None:
     train = train.map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
     guard = CollapseGuardCallback(
         human_like_sentences(25, seed=99),  # odd count: ranks score different numbers of windows
-        tok, eval_steps=5, context_length=64, prompts=["The river", "A farmer", "The council"], max_new_tokens=6,
+        prompts=["The river", "A farmer", "The council"],
+        probe=ProbeConfig(context_length=64, max_new_tokens=6, prompt_tokens=None),
+        config=GuardConfig(eval_steps=5, cost_budget=0.5),  # time-budgeted: rank 0 decides for both
     )
     args = TrainingArguments(out, max_steps=40, per_device_train_batch_size=8, learning_rate=1e-2,
                              lr_scheduler_type="constant", use_cpu=True, report_to=[], logging_steps=5,
                              save_strategy="no", disable_tqdm=True, seed=0, ddp_backend="gloo")
     trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tok,
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
-    trainer.add_callback(guard)
+    guard.attach(trainer)
     trainer.train()
     rank = torch.distributed.get_rank()
     verdict = guard.last_verdict
@@ -56,7 +59,7 @@ def main(out: str) -> None:
         "stopped_at": guard.stopped_at,
         "level": verdict.level,
         "reasons": verdict.reasons,
-        "history": [[e["step"], e["heldout_ppl"], e.get("distinct_1")] for e in guard.history],
+        "history": [[e["step"], e["heldout_ppl"], e.get("distinct_1")] for e in guard.history.entries],
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)

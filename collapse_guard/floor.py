@@ -1,0 +1,95 @@
+"""The adaptive real-data floor: the guard moves `MixingCollator.min_real_fraction` from its verdicts.
+
+Policy (every step documented in `FloorConfig`):
+
+- **warn** -> raise the floor: `floor = min(maximum, max(floor x step_up, floor + min_step))`;
+- **alarm** -> jump to `maximum`; the guard then re-measures once (after `eval_steps`) before it stops,
+  so a run the higher floor rescues keeps training;
+- **ok** for `decay_after` measurements in a row -> lower it toward `minimum`:
+  `floor = max(minimum, floor x step_down)`;
+- otherwise hold.
+
+The floor never leaves [minimum, maximum]. Every decision is a pure function of the verdict sequence,
+so every rank (which holds the same all-reduced verdicts) applies the same floor at the same step, and
+the state (value, healthy streak) is stored in each history entry, so a resumed run continues it.
+
+Example:
+
+```python
+>>> from collapse_guard.floor import FloorConfig, FloorController
+>>> floor = FloorController(FloorConfig(minimum=0.1, maximum=0.9))
+>>> floor.update("warn")[0], floor.update("alarm")[0], floor.update("ok")[0], floor.update("ok")[0]
+(0.15, 0.9, 0.9, 0.72)
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class FloorConfig:
+    """The adaptive floor's policy (see the module docstring)."""
+
+    minimum: float = field(default=0.1, metadata={"help": "The user's minimum real share; the floor never goes below."})
+    maximum: float = field(default=0.9, metadata={"help": "The floor never goes above (1.0 trains no synthetic data)."})
+    start: float | None = field(default=None, metadata={"help": "The first floor (default: minimum)."})
+    step_up: float = field(default=1.5, metadata={"help": "Factor applied on a warn."})
+    min_step: float = field(default=0.05, metadata={"help": "A raise is at least this much (absolute)."})
+    step_down: float = field(default=0.8, metadata={"help": "Factor applied after decay_after healthy measurements."})
+    decay_after: int = field(default=2, metadata={"help": "Healthy (ok) measurements in a row before lowering."})
+    recheck_before_stop: bool = field(default=True, metadata={
+        "help": "On an alarm, raise to maximum and re-measure once before stopping (if the guard stops at all)."})
+
+    def __post_init__(self) -> None:
+        for name in ("minimum", "maximum", "min_step"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"FloorConfig.{name} must be in [0, 1], got {value!r}.")
+        if self.minimum > self.maximum:
+            raise ValueError(f"FloorConfig.minimum={self.minimum} must be <= maximum={self.maximum}.")
+        if self.start is not None and not self.minimum <= self.start <= self.maximum:
+            raise ValueError(f"FloorConfig.start={self.start} must lie in [minimum, maximum].")
+        if not self.step_up > 1.0 or not 0.0 < self.step_down < 1.0:
+            raise ValueError(f"FloorConfig.step_up must be > 1 and step_down in (0, 1), got {self.step_up}, "
+                             f"{self.step_down}.")
+        if isinstance(self.decay_after, bool) or not isinstance(self.decay_after, int) or self.decay_after < 1:
+            raise ValueError(f"FloorConfig.decay_after must be a positive int, got {self.decay_after!r}.")
+
+
+class FloorController:
+    """The floor's state machine: `update(level) -> (floor, reason)`."""
+
+    def __init__(self, config: FloorConfig | None = None):
+        self.config = config or FloorConfig()
+        self.value = self.config.start if self.config.start is not None else self.config.minimum
+        self.healthy = 0
+
+    def update(self, level: str) -> tuple[float, str]:
+        c, before = self.config, self.value
+        if level == "alarm":
+            self.value, self.healthy = c.maximum, 0
+            reason = f"alarm: floor {before:.2f} -> {self.value:.2f} (maximum)"
+        elif level == "warn":
+            self.value, self.healthy = min(c.maximum, max(before * c.step_up, before + c.min_step)), 0
+            reason = f"warn: floor {before:.2f} -> {self.value:.2f}"
+        else:
+            self.healthy += 1
+            if self.healthy >= c.decay_after and before > c.minimum:
+                self.value, self.healthy = max(c.minimum, before * c.step_down), 0
+                reason = f"{c.decay_after} healthy measurements: floor {before:.2f} -> {self.value:.2f}"
+            else:
+                reason = f"ok: floor held at {before:.2f}"
+        self.value = round(self.value, 6)
+        return self.value, reason
+
+    def state(self) -> dict[str, Any]:
+        return {"floor": self.value, "floor_healthy": self.healthy}
+
+    def restore(self, entry: dict[str, Any] | None) -> None:
+        """Continues from the state stored in a history entry (a resumed run, or the next round)."""
+        if entry and "floor" in entry:
+            self.value = float(entry["floor"])
+            self.healthy = int(entry.get("floor_healthy", 0))

@@ -1,0 +1,135 @@
+"""A run folder that cannot be corrupted: one process at a time, the recipe it belongs to, what is done.
+
+- `RunLock`: an exclusive `flock` on `output_dir/.lock`, held for the whole run; a second run into the
+  same folder is refused with a message naming the holder (pid, host, command, start time). The
+  kernel releases it when the holder dies, so a killed run never leaves a stale lock behind.
+- `RunState` (`run_state.json`): the recipe the folder belongs to and the finished steps of each round.
+  A re-run with the same recipe continues; a different recipe is refused once any round step has
+  finished (`--restart` starts over), and silently replaces a run that never got that far.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from collapse_guard.io import atomic_write_json, read_json
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderError(RuntimeError):
+    """The run folder is in use, or belongs to another recipe; the message says by whom and what to do."""
+
+
+class RunLock:
+    """`with RunLock(folder):` ... ; non-blocking: refuses at once if another process holds the folder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._fh = None
+
+    def __enter__(self) -> RunLock:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.folder / LOCK_NAME, "a+")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            self._fh = None
+            raise RunFolderError(f"output_dir {str(self.folder)!r} is in use by {holder}. Wait for that run to finish, "
+                                 "or give another output_dir.") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({' '.join(sys.argv)[:200]})")
+        self._fh.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fh is not None:
+            self._fh.seek(0)
+            self._fh.truncate()
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+@dataclass
+class RunState:
+    """`run_state.json`: the recipe, finished steps per round, and why the run ended (if it did)."""
+
+    path: Path
+    config: dict[str, Any] | None = None
+    done: dict[str, list[str]] = field(default_factory=dict)
+    stopped: dict[str, Any] | None = None
+    finished: bool = False
+
+    @classmethod
+    def load(cls, folder: Path) -> RunState:
+        data = read_json(folder / "run_state.json", default={}) or {}
+        return cls(folder / "run_state.json", data.get("config"), data.get("done", {}), data.get("stopped"),
+                   data.get("finished", False))
+
+    @property
+    def started(self) -> bool:
+        return any(self.done.values())
+
+    def is_done(self, round_index: int, step: str) -> bool:
+        return step in self.done.get(str(round_index), [])
+
+    def mark(self, round_index: int, step: str) -> None:
+        steps = self.done.setdefault(str(round_index), [])
+        if step not in steps:
+            steps.append(step)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"config": self.config, "done": self.done, "stopped": self.stopped,
+                                      "finished": self.finished})
+
+
+def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(stored) | set(current))
+    out = []
+    for key in keys:
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
+    return out
+
+
+def claim(folder: Path, config: dict[str, Any], restart: bool = False) -> RunState:
+    """The folder's run state for `config` (rank 0, under the lock): continue, start, or refuse."""
+    state = RunState.load(folder)
+    ours = state.path.exists()
+    others = [c for c in folder.iterdir() if c.name != LOCK_NAME]
+    if not ours and others:
+        raise RunFolderError(f"output_dir {str(folder)!r} holds files but no run_state.json: it is not a collapse_guard "
+                             "run folder, and nothing in it is overwritten. Give an empty or a new folder.")
+    changed = ours and state.config != config
+    if ours and changed and state.started and not restart:
+        changes = _differences(state.config or {}, config)
+        raise RunFolderError(
+            f"output_dir {str(folder)!r} holds a run of another recipe ({'; '.join(changes[:4])}"
+            f"{'; ...' if len(changes) > 4 else ''}). Re-run the same recipe and overrides to continue it, give "
+            "another output_dir, or pass --restart to discard it.")
+    if ours and (restart or changed):  # discarded on request, or it never finished a step: nothing worth keeping
+        for child in others:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        state = RunState(folder / "run_state.json")
+    state.config = config
+    state.save()
+    return state
