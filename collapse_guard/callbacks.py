@@ -23,6 +23,7 @@ from collapse_guard.detector import LEVELS, CollapseDetector, DetectorConfig, Ve
 from collapse_guard.distributed import broadcast, is_main
 from collapse_guard.floor import FloorConfig, FloorController
 from collapse_guard.history import FILENAME, History, is_number, scalars
+from collapse_guard.policy import POLICY_RULES, policy_completions, policy_signals
 from collapse_guard.probe import Probe, ProbeConfig
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ class CollapseGuardCallback(TrainerCallback):
             guard does not measure it again.
         floor: `FloorConfig` to let the guard move the collator's real share with its verdicts (the adaptive
             floor, `collapse_guard.floor`); needs `collator`.
+        policy_rules: the rules for an on-policy RL trainer's own completions (`collapse_guard.policy`,
+            default `POLICY_RULES`); used when the trainer generates (TRL's GRPOTrainer and kin).
 
     Example:
 
@@ -105,7 +108,7 @@ class CollapseGuardCallback(TrainerCallback):
     def __init__(self, heldout_texts: list[str], prompts: list[str] | None = None, collator=None,
                  config: GuardConfig | None = None, probe: ProbeConfig | None = None,
                  detector: DetectorConfig | None = None, reference_model=None, start: dict[str, Any] | None = None,
-                 floor: FloorConfig | None = None):
+                 floor: FloorConfig | None = None, policy_rules: DetectorConfig | None = None):
         from collapse_guard.mixing import MixingCollator
 
         if collator is not None and not isinstance(collator, MixingCollator):
@@ -123,6 +126,9 @@ class CollapseGuardCallback(TrainerCallback):
         self.floor = FloorController(floor) if floor is not None else None
         self._recheck_at: int | None = None
         self.detector = CollapseDetector(detector)
+        self.policy_detector = CollapseDetector(policy_rules or POLICY_RULES)
+        self.policy_history = History()
+        self.policy_verdict: Verdict | None = None
         self.reference_model = reference_model
         self.start = start
         self.trainer = None
@@ -232,6 +238,27 @@ class CollapseGuardCallback(TrainerCallback):
         elapsed = time.perf_counter() - self._train["started"]
         return self.spent["seconds"] / elapsed if elapsed > 0 else 0.0
 
+    def summary(self) -> str:
+        """What the guard saw, in a few lines: measurements, the verdict with its reasons, the real share
+        the model trained on and what the guard cost."""
+        entries = [e for e in self.history.entries if e["round"] == self.config.round_index]
+        lines = [f"collapse guard: {len(entries)} measurements of round {self.config.round_index}, "
+                 f"{self.cost_share():.1%} of training time spent measuring"]
+        for e in entries:
+            ratio = e.get("heldout_ppl_ratio")
+            lines.append(f"  step {e['step']:>5}: held-out ppl {e['heldout_ppl']:.2f}"
+                         + (f" (x{ratio:.3f} of the baseline)" if ratio is not None else "") + f"  {e.get('level', '?')}")
+        if self.last_verdict is not None:
+            lines.append(f"  verdict: {self.last_verdict}")
+        if self.stopped_at is not None:
+            lines.append(f"  stopped training at step {self.stopped_at}")
+        if self.collator is not None:
+            m = self.collator.metrics()
+            lines.append(f"  real data: {m['real_fraction']:.1%} of the rows trained on (floor "
+                         f"{self.collator.min_real_fraction:.0%}); {int(m['synthetic_served'])} synthetic rows fed, "
+                         f"{int(m['synthetic_pending'])} left untrained, {int(m['real_top_up'])} real top-ups")
+        return "\n".join(lines)
+
     def _save(self, state) -> None:
         if state.is_world_process_zero:
             self.history.save()
@@ -316,11 +343,35 @@ class CollapseGuardCallback(TrainerCallback):
                 self._save(state)
             logs.update(self._eval_values(entry))
         else:
+            self._judge_policy(args, state, control, logs)
             logs.update(self._pending_logs)
             self._pending_logs.clear()
         # Trainer.log appended a copy of `logs` to log_history before calling us: complete that copy too
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update({k: v for k, v in logs.items() if k not in state.log_history[-1]})
+
+    def _judge_policy(self, args, state, control, logs: dict[str, Any]) -> None:
+        """On-policy RL: the diversity of the trainer's own latest completions, judged against the first
+        logging step's (no extra generation; see `collapse_guard.policy`)."""
+        completions = policy_completions(self.trainer) if self.trainer is not None else None
+        if not completions or len(completions) < 2 or self.policy_history.at(0, state.global_step):
+            return
+        entry = self.policy_history.add({"round": 0, "step": state.global_step, "final": False,
+                                         **policy_signals(completions, logs)})
+        verdict = self.policy_detector.check(self.policy_history.entries)
+        self.policy_verdict = verdict
+        entry.update(level=verdict.level, reasons=list(verdict.reasons))
+        entry.update({k: v for k, v in verdict.signals.items() if k.endswith("_ratio")})
+        self.policy_history.path = self._history_file(args).replace(".json", "_policy.json")
+        if state.is_world_process_zero:
+            self.policy_history.save()
+        logs.update({f"{LOG_PREFIX}policy/{k}": v for k, v in scalars(entry).items()})
+        logs[f"{LOG_PREFIX}policy/level"] = float(LEVELS.index(verdict.level))
+        if verdict.level != "ok" and is_main():
+            logger.warning("collapse guard (policy completions), step %d: %s", state.global_step, verdict)
+        if verdict.is_alarm and self.config.stop_training_on_alarm:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         entry = self.history.at(self.config.round_index, state.global_step)

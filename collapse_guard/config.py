@@ -83,16 +83,35 @@ def check_component(spec: Any, key: str, base: type | None = None, provided: tup
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         return cls
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(kwargs - set(params))
+    accepted, open_ended = _accepted_arguments(cls)
+    if not open_ended:
+        unknown = sorted(kwargs - accepted)
         if unknown:
             _fail(f"{key}.{unknown[0]}", spec[unknown[0]],
-                  f"{spec[COMPONENT_KEY]} takes no such argument; valid: {sorted(p for p in params if p != 'self')}.")
+                  f"{spec[COMPONENT_KEY]} takes no such argument; valid: {sorted(accepted)}.")
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs
                and n not in provided and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     if missing:
         _fail(key, spec, f"{spec[COMPONENT_KEY]} needs {missing}; give them in the recipe.")
     return cls
+
+
+def _accepted_arguments(cls: type) -> tuple[set[str], bool]:
+    """Keyword arguments `cls(...)` accepts, following `**kwargs` up to the base classes' __init__ (a Selector
+    subclass passes its `**kwargs` on to `Selector`). Open-ended when the chain ends in `**kwargs`."""
+    accepted: set[str] = set()
+    for klass in (cls.__mro__ if inspect.isclass(cls) else (cls,)):
+        init = klass.__init__ if inspect.isclass(klass) else klass
+        if init is object.__init__:
+            return accepted, False
+        try:
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            return accepted, True
+        accepted |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return accepted, False
+    return accepted, True
 
 
 def build_component(spec: dict[str, Any], key: str = "component", **available: Any) -> Any:

@@ -1,22 +1,22 @@
-"""sft_plain.py + the guard: a real-data floor in every batch and held-out perplexity watching for collapse.
+"""sft_plain.py + the guard: a real-data floor in every optimizer step and held-out perplexity watching for collapse.
 
     python examples/sft_guard.py                      # the offline tiny model, seconds on a CPU
     python examples/sft_guard.py --model path/to/model --max-steps 200
 
-Three added lines (diff against sft_plain.py): a MixingCollator that keeps >= 50% real examples in
-every batch, passed as the data collator, and a CollapseGuardCallback that measures held-out human
-perplexity (baseline before the first step, then every few steps) and stops training on an alarm.
+Three changed lines (diff against sft_plain.py): the training set is built with mix_datasets (it
+records each row's provenance), a CollapseGuardCallback with a MixingCollator is attached to the
+trainer (the collator keeps >= 50% real rows in every optimizer step and trains every synthetic row
+once per epoch; the guard measures held-out human perplexity before the first step and as often as
+3% of training time allows, and stops training on an alarm), and the guard's summary is printed.
 """
 
 import argparse
 
 import torch
-from datasets import concatenate_datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from collapse_guard import MixingCollator
-from collapse_guard.callbacks import CollapseGuardCallback
+from collapse_guard import CollapseGuardCallback, MixingCollator, mix_datasets
 from collapse_guard.testing import human_like_sentences, tiny_causal_lm, tiny_text_datasets, tiny_tokenizer
 
 
@@ -39,15 +39,14 @@ def main(argv=None):
     model, tokenizer = load(args.model)
     real, synthetic = tiny_text_datasets(n_real=64, n_synthetic=64)
     heldout = human_like_sentences(16, seed=123)
-    train = concatenate_datasets([real, synthetic]).shuffle(seed=0)
+    train = mix_datasets(real, synthetic, mode="accumulate", min_real_fraction=0.5, seed=0)
     config = SFTConfig(output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=8,
                        learning_rate=1e-3, max_length=128, logging_steps=2, save_strategy="no", report_to=[],
                        use_cpu=not torch.cuda.is_available(), bf16=False)
-    collator = MixingCollator(real_dataset=real, tokenizer=tokenizer, min_real_fraction=0.5, max_length=128)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer,
-                         data_collator=collator)
-    trainer.add_callback(CollapseGuardCallback(heldout, tokenizer, eval_steps=4, collator=collator))
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+    guard = CollapseGuardCallback(heldout, collator=MixingCollator(real_dataset=real)).attach(trainer)
     trainer.train()
+    print(guard.summary())
     return trainer, heldout
 
 

@@ -3,7 +3,7 @@
     python examples/sft_selector.py                   # the offline tiny model, seconds on a CPU
     python examples/sft_selector.py --model path/to/model --max-steps 200
 
-One added line (diff against sft_plain.py): a SelectionPipeline over the synthetic data. The tiny
+Added lines (diff against sft_plain.py): a SelectionPipeline over the synthetic data. The tiny
 example's synthetic set repeats ten sentences, so deduplication keeps about ten of its 64 rows.
 Add PerplexitySelector / RewardModelSelector / VerifierSelector the same way.
 """
@@ -38,7 +38,10 @@ def main(argv=None):
     model, tokenizer = load(args.model)
     real, synthetic = tiny_text_datasets(n_real=64, n_synthetic=64)
     heldout = human_like_sentences(16, seed=123)
-    synthetic = SelectionPipeline([DedupSelector(real_texts=real["text"])])(synthetic).select_columns(["text"])
+    pipeline = SelectionPipeline([DedupSelector(real_texts=real["text"])])
+    synthetic = pipeline(synthetic).select_columns(["text"])
+    print(f"selection kept {pipeline.report['kept']} of {pipeline.report['input']} synthetic rows: "
+          f"{pipeline.report['steps'][0]['reasons']}")
     train = concatenate_datasets([real, synthetic]).shuffle(seed=0)
     config = SFTConfig(output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=8,
                        learning_rate=1e-3, max_length=128, logging_steps=2, save_strategy="no", report_to=[],

@@ -25,30 +25,33 @@ def _added_code_lines(name: str) -> list[str]:
     return [line for line in diff if line.startswith("+") and not line.startswith("+++")]
 
 
-@pytest.mark.parametrize("name", ["sft_plain", "sft_guard", "sft_selector", "sft_magpie"])
-def test_sft_example_trains(name, tmp_path):
+@pytest.mark.parametrize(("name", "printed"), [("sft_plain", None), ("sft_guard", "real data:"),
+                                               ("sft_selector", "selection kept"), ("sft_magpie", "magpie:")])
+def test_sft_example_trains_and_says_what_its_feature_did(name, printed, tmp_path, capsys):
     trainer, _ = _load(name).main(["--output-dir", str(tmp_path), "--max-steps", "4"])
     assert trainer.state.global_step == 4
     assert all(log["loss"] > 0 for log in trainer.state.log_history if "loss" in log)
+    if printed:
+        assert printed in capsys.readouterr().out
 
 
 def test_guard_example_is_about_three_lines_more():
     added = _added_code_lines("sft_guard")
     assert 3 <= len(added) <= 6, added
-    assert any("MixingCollator(" in line for line in added)
-    assert any("CollapseGuardCallback(" in line for line in added)
+    assert any("MixingCollator(" in line and "CollapseGuardCallback(" in line and ".attach(trainer)" in line
+               for line in added)
 
 
 def test_guard_example_measures_heldout_perplexity(tmp_path):
     trainer, _ = _load("sft_guard").main(["--output-dir", str(tmp_path), "--max-steps", "4"])
     guard = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "CollapseGuardCallback")
-    assert guard.history and guard.history[0]["heldout_ppl"] > 1
+    assert guard.history.entries and guard.history.entries[0]["heldout_ppl"] > 1
     assert trainer.data_collator.real_fraction >= 0.5
 
 
 def test_selector_example_drops_duplicates():
     added = _added_code_lines("sft_selector")
-    assert len(added) <= 3 and any("SelectionPipeline" in line for line in added)
+    assert len(added) <= 6 and any("SelectionPipeline" in line for line in added)
 
 
 def test_loop_example(tmp_path):

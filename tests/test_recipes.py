@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from collapse_guard.config import builtin_recipes, check_config, load_config, variant_configs
+from collapse_guard.config import builtin_recipes, check_config, expand, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
@@ -22,7 +22,7 @@ def test_there_is_something_to_check():
                                          "loop_accumulate.yaml", "loop_fresh.yaml", "tiny_loop.yaml"}
     assert {p.name for p in ACCELERATE} >= {"single_gpu.yaml", "multi_gpu_ddp.yaml", "fsdp.yaml",
                                             "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "cpu_2proc.yaml"}
-    assert {"demo.yaml", "demo_fast.yaml"} <= set(builtin_recipes())
+    assert {"demo", "demo_fast"} <= set(builtin_recipes())
 
 
 def _launch_command(path: Path) -> str:
@@ -37,7 +37,7 @@ def _launch_command(path: Path) -> str:
 def test_recipe_validates(path):
     command = _launch_command(path)
     config = load_config(path)
-    for variant in variant_configs(config).values():
+    for variant in expand(config).values():
         check_config(variant, check_paths=path.name in OFFLINE)
     # the files a launch command names exist (run from the repository root)
     for name in re.findall(r"(recipes/\S+\.yaml)", command):
