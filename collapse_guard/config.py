@@ -443,7 +443,10 @@ def load_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     parent = data.pop("extends", None)
     if parent:
         parent_path = Path(parent) if Path(parent).is_absolute() else path.parent / parent
-        data = merge(load_recipe_dict(parent_path, (*_seen, path)), data)
+        inherited = load_recipe_dict(parent_path, (*_seen, path))
+        if "variants" in data:  # a recipe's own arms replace its parent's, never add to them
+            inherited.pop("variants", None)
+        data = merge(inherited, data)
     return data
 
 
@@ -500,17 +503,15 @@ def expand(config: LoopConfig) -> dict[str, LoopConfig]:
     seeds = base.pop("seeds") or []
     variants = config.variants or {config.name: {}}
     out = {}
-    for name, overrides in variants.items():
-        data = merge(base, parse_overrides(overrides))
-        data["name"] = data["name"] if not config.variants else overrides.get("name", name)
-        folder = Path(config.output_dir) / name if config.variants else Path(config.output_dir)
-        for seed in seeds or [None]:
-            run = dict(data)
-            key = name if seed is None else f"{name}/seed_{seed}"
+    for seed in seeds or [None]:  # seeds outermost: after the first seed every arm has a result
+        for name, overrides in variants.items():
+            run = merge(base, parse_overrides(overrides))
+            run["name"] = run["name"] if not config.variants else overrides.get("name", name)
+            folder = Path(config.output_dir) / name if config.variants else Path(config.output_dir)
             if seed is not None:
                 run["seed"] = seed
             run["output_dir"] = str(folder / f"seed_{seed}" if seed is not None else folder)
-            out[key] = config_from_dict(run)
+            out[name if seed is None else f"{name}/seed_{seed}"] = config_from_dict(run)
     return out
 
 

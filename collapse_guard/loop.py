@@ -235,6 +235,8 @@ def generate_step(ctx: RunContext, r: int):
     from collapse_guard.generation import ContinuationGenerator, MagpieGenerator
 
     c = ctx.config
+    if c.mixing.min_real_fraction >= 1.0 and c.mixing.mode != "accumulate":  # a real-only control needs none
+        return _save_generated(ctx, r, ctx.real.select([]).map(lambda ex: ex), {"rows": 0, "tokens": 0})
     n = math.ceil(c.n_samples * c.pool_factor)
     ctx.progress.phase(r, f"generating {n} {c.generation.get('method', 'continuation')} samples"
                           + (f" (a {c.pool_factor:g}x pool: selection keeps {c.n_samples})" if c.pool_factor > 1 else ""))
@@ -247,11 +249,15 @@ def generate_step(ctx: RunContext, r: int):
         settings.show_progress = is_main()
         generator = ContinuationGenerator(model, ctx.tokenizer, settings)
         generated = generator.generate(_continuation_prompts(ctx, r, n), seed=c.seed + r, round_index=r)
+    stats = dict(getattr(generator, "stats", {}) or {})
+    stats.update(rows=len(generated), tokens=_tokens(ctx.tokenizer, texts_of(generated)) if len(generated) else 0)
+    return _save_generated(ctx, r, generated, stats)
+
+
+def _save_generated(ctx: RunContext, r: int, generated, stats: dict[str, Any]):
     path = ctx.round_dir(r) / "generated"
     if is_main():
         save_dataset(generated, path)
-        stats = dict(getattr(generator, "stats", {}) or {})
-        stats.update(rows=len(generated), tokens=_tokens(ctx.tokenizer, texts_of(generated)) if len(generated) else 0)
         atomic_write_json(ctx.round_dir(r) / "generation.json", stats)
     barrier()
     return load_dataset_dir(path)
@@ -304,7 +310,7 @@ def select_step(ctx: RunContext, r: int, generated):
             selected = selected.shuffle(seed=c.seed + r).select(range(c.n_samples)).flatten_indices()
         report.update(selected=len(selected), kept_share=len(selected) / max(len(generated), 1),
                       tokens=_tokens(ctx.tokenizer, texts_of(selected)) if len(selected) else 0)
-        if len(selected) < c.n_samples:
+        if len(selected) < c.n_samples and c.mixing.min_real_fraction < 1.0:
             logger.warning("%s | round %d: selection kept %d of %d samples, fewer than the %d a round trains on; "
                            "the round trains on fewer synthetic rows (see the report).", c.name, r, len(selected),
                            len(generated), c.n_samples)
@@ -353,22 +359,24 @@ def _describe_mix(dataset) -> str:
 
 
 def _to_budget(mixed, rows: int, fraction: float, seed: int):
-    """Exactly `rows` rows with at least `fraction` real (real rows repeat only if there are too few)."""
+    """Exactly `rows` rows: a uniform sample of the round's data (so accumulate keeps its real share), then real
+    rows swapped in for synthetic ones until at least `fraction` are real (real rows repeat only if too few)."""
     import numpy as np
-    from datasets import concatenate_datasets
 
     rng = np.random.default_rng(seed)
     sources = np.array([p["source"] for p in mixed["provenance"]])
-    real_idx, syn_idx = np.flatnonzero(sources == "real"), np.flatnonzero(sources != "real")
-    n_syn = min(len(syn_idx), rows - math.ceil(fraction * rows - 1e-9))
-    n_real = rows - n_syn
-    if n_real and not len(real_idx):
-        raise RuntimeError(f"rows_per_round={rows} needs {n_real} real rows but the round has none.")
-    pick_syn = rng.permutation(syn_idx)[:n_syn]
-    pick_real = rng.permutation(np.resize(rng.permutation(real_idx), max(n_real, len(real_idx))))[:n_real] \
-        if n_real else np.zeros(0, int)
-    parts = [mixed.select(sorted(int(i) for i in pick_real)), mixed.select(sorted(int(i) for i in pick_syn))]
-    return concatenate_datasets(parts).shuffle(seed=seed).flatten_indices()
+    order = rng.permutation(len(mixed))
+    picked = list(np.resize(order, rows)) if len(order) < rows else list(order[:rows])
+    real_idx = [int(i) for i in rng.permutation(np.flatnonzero(sources == "real"))]
+    need = math.ceil(fraction * rows - 1e-9) - sum(sources[i] == "real" for i in picked)
+    if need > 0:
+        if not real_idx:
+            raise RuntimeError(f"rows_per_round={rows} needs real rows but the round has none.")
+        unused = [i for i in real_idx if i not in set(picked)] or real_idx
+        synthetic_slots = [k for k, i in enumerate(picked) if sources[i] != "real"]
+        for n, k in enumerate(synthetic_slots[:need]):
+            picked[k] = unused[n % len(unused)]
+    return mixed.select(sorted(int(i) for i in picked)).shuffle(seed=seed).flatten_indices()
 
 
 def _sft_config(ctx: RunContext, r: int, output_dir: Path):

@@ -44,9 +44,11 @@ class PerplexitySelector(Selector):
             (degenerate, over-likely text); None disables the lower bound.
         high_percentile: samples above this human percentile are dropped as `high_perplexity`
             (garbage tail); None disables the upper bound.
-        keep: keep at most this many samples, those closest to the human median (in log perplexity) among the
-            ones inside the band: selection from a larger pool, so a round trains on as many synthetic samples
-            as an unselected one (Feng et al. 2024); the rest are dropped as `less_typical`. None: band only.
+        keep: instead of the band, keep the `keep` samples closest to the human median (in log perplexity) and
+            drop the rest as `less_typical`: selection from a larger pool, so a round trains on as many
+            synthetic samples as an unselected one (Feng et al. 2024). A band would keep almost nothing of a
+            pool whose every sample is degenerate (greedy text sits below the human 5th percentile); ranking
+            keeps its least degenerate part. None: the band.
         context_length / max_batch_tokens: passed to `document_perplexities`.
         target: which text is scored, default `"both"` (prompt + response, as the model reads them).
         **kwargs: further `Selector` options (`name`, `batch_size`, `rejects_path`).
@@ -123,9 +125,9 @@ class PerplexitySelector(Selector):
         for s in scores:
             if not math.isfinite(s):
                 reasons.append("invalid_perplexity")
-            elif s < low:
+            elif s < low and self.keep_n is None:
                 reasons.append("low_perplexity")
-            elif s > high:
+            elif s > high and self.keep_n is None:
                 reasons.append("high_perplexity")
             else:
                 reasons.append(None)
