@@ -23,6 +23,7 @@ Example:
 >>> cfg = config_from_dict({"rounds": 2, "mixing": {"mode": "accumulate"}}, overrides=["training.learning_rate=1e-4"])
 >>> cfg.training["learning_rate"], cfg.mixing.mode, cfg.generation_config().prefix_tokens
 (0.0001, 'accumulate', 64)
+
 ```
 """
 

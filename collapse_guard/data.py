@@ -22,6 +22,7 @@ Example:
 ('text', 'prompt_completion')
 >>> texts_of({"messages": [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]]})
 ['Hello!']
+
 ```
 """
 

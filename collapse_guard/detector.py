@@ -69,6 +69,7 @@ class DetectorConfig:
     >>> from collapse_guard.detector import DetectorConfig
     >>> DetectorConfig(ppl_ratio_alarm=1.5).ppl_ratio_warn
     1.05
+
     ```
     """
 
@@ -332,6 +333,7 @@ class CollapseDetector:
     ...             "heldout_doc_tokens": doc_tokens}]
     >>> print(CollapseDetector().check(history).reasons[0])
     held-out ppl rose 32% over round 0 (13.12 -> 17.26; x1.316, 95% interval x1.309-x1.322 over 64 documents): alarm at 20%
+
     ```
     """
 

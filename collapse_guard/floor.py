@@ -20,6 +20,7 @@ Example:
 >>> floor = FloorController(FloorConfig(minimum=0.1, maximum=0.9))
 >>> floor.update("warn")[0], floor.update("alarm")[0], floor.update("ok")[0], floor.update("ok")[0]
 (0.15, 0.9, 0.9, 0.72)
+
 ```
 """
 

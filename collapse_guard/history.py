@@ -11,10 +11,11 @@ Example:
 ```python
 >>> from collapse_guard.history import History
 >>> h = History()
->>> h.add({"round": 0, "step": 0, "final": True, "heldout_ppl": 20.0})
->>> h.add({"round": 1, "step": 8, "final": True, "heldout_ppl": 23.0})
+>>> _ = h.add({"round": 0, "step": 0, "final": True, "heldout_ppl": 20.0})
+>>> _ = h.add({"round": 1, "step": 8, "final": True, "heldout_ppl": 23.0})
 >>> [e["heldout_ppl"] for e in h.context(round_index=2)]
 [20.0, 23.0]
+
 ```
 """
 

@@ -16,6 +16,7 @@ Example:
 >>> signals = probe.measure(tiny_causal_lm(tok))
 >>> sorted(k for k in signals if k.startswith("heldout"))[:2], len(signals["generations"])
 (['heldout_doc_nll', 'heldout_doc_tokens'], 4)
+
 ```
 """
 

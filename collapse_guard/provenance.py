@@ -26,6 +26,7 @@ Example:
 ['real', 'synthetic', None]
 >>> bool(fingerprints([[1, 2, 3]])[0] == fingerprints([[1, 2, 3]])[0])
 True
+
 ```
 """
 

@@ -12,6 +12,7 @@ Example:
 >>> from collapse_guard.resources import human_texts
 >>> len(human_texts("lee_background")) > 250
 True
+
 ```
 """
 

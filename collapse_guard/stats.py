@@ -27,6 +27,7 @@ Example:
 >>> est = ppl_ratio_interval(base, [40] * 32, new, [40] * 32)
 >>> print(f"x{est.ratio:.3f} [x{est.low:.3f}, x{est.high:.3f}] over {est.n} documents")
 x1.064 [x1.052, x1.077] over 32 documents
+
 ```
 """
 

@@ -11,6 +11,7 @@ Example:
 >>> model = tiny_causal_lm(tok)
 >>> model.config.num_hidden_layers
 2
+
 ```
 """
 

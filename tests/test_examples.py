@@ -58,3 +58,22 @@ def test_loop_example(tmp_path):
     summary = _load("sft_loop").main(["--output-dir", str(tmp_path / "loop"), "--rounds", "1"])
     assert summary["finished"] and [h["round"] for h in summary["history"]] == [0, 1]
     assert (tmp_path / "loop" / "report.md").exists()
+
+
+def test_adaptive_floor_example_is_a_few_lines_on_the_guard_example(tmp_path, capsys):
+    trainer, _ = _load("sft_adaptive_floor").main(["--output-dir", str(tmp_path), "--max-steps", "4"])
+    assert trainer.state.global_step == 4 and "floor decisions:" in capsys.readouterr().out
+
+
+def test_grpo_example_stops_on_the_hacked_reward_and_not_on_noise(tmp_path):
+    trainer, guard = _load("grpo_guard").main(["--output-dir", str(tmp_path / "a")])
+    assert guard.policy_verdict.is_alarm and trainer.state.global_step < 30
+    trainer, guard = _load("grpo_guard").main(["--output-dir", str(tmp_path / "b"), "--reward", "noise",
+                                               "--max-steps", "12"])
+    assert trainer.state.global_step == 12 and guard.policy_verdict.level == "ok"
+
+
+def test_ratio_search_example(tmp_path):
+    result = _load("ratio_search").main(["--output-dir", str(tmp_path / "search")])
+    assert [row["fraction"] for row in result["rows"]][:3] == [0.1, 0.5, 0.9] or len(result["rows"]) >= 3
+    assert (tmp_path / "search" / "ratio_search.md").exists() and (tmp_path / "search" / "ratio_search.png").exists()

@@ -14,6 +14,7 @@ Example:
 >>> m = diversity_metrics(["the cat sat", "a dog ran home"])
 >>> m["distinct_1"]
 1.0
+
 ```
 """
 

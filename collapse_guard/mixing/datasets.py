@@ -72,6 +72,7 @@ def mix_datasets(
     >>> mixed = mix_datasets(["A human sentence."] * 4, ["A model sentence."] * 4, mode="replace")
     >>> sorted(p["source"] for p in mixed["provenance"])
     ['real', 'real', 'real', 'real', 'synthetic', 'synthetic', 'synthetic', 'synthetic']
+
     ```
     """
     if mode not in MIX_MODES:

@@ -7,6 +7,7 @@ Example:
 >>> diversity = load_metric("diversity")
 >>> diversity.compute(predictions=["a a a b"])["distinct_1"]
 0.5
+
 ```
 """
 

@@ -6,6 +6,7 @@ Load it offline from the installed package:
 >>> from collapse_guard.metrics import load_metric
 >>> load_metric("diversity").compute(predictions=["a a a b"])["distinct_1"]
 0.5
+
 ```
 """
 

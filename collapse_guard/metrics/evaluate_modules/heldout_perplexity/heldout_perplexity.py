@@ -10,6 +10,7 @@ Load it offline from the installed package:
 ...     predictions=["The river crossed the valley."], model=tiny_causal_lm(tok), tokenizer=tok)
 >>> out["perplexity"] > 1
 True
+
 ```
 """
 
