@@ -376,20 +376,24 @@ class MixingCollator:
         nominal = self.plan_.batch_size if self.plan_ and self.plan_.batch_size else 0
         return max(incoming, nominal if self.unit == "examples" else 0, self._typical_units)
 
-    def _mix_examples(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        b = len(rows)
-        sources = self._sources(rows)
-        real_in = [r for r, s in zip(rows, sources, strict=True) if s == REAL]
-        synthetic_in = self._filter_synthetic([r for r, s in zip(rows, sources, strict=True) if s != REAL])
+    def _intake(self, real_in: list, synthetic_in: list, units: int, measure: Callable[[list], int]) -> None:
+        """Incoming rows (segments) join the queues: synthetic ones after the filter, none at all when f = 1."""
+        synthetic_in = self._filter_synthetic(synthetic_in)
         self.counts["synthetic_seen"] += len(synthetic_in)
-        self.counts["synthetic_units_seen"] += len(synthetic_in)
-        self.counts["intake_units"] += b
+        self.counts["synthetic_units_seen"] += measure(synthetic_in)
+        self.counts["intake_units"] += units
         self.counts["real_seen"] += len(real_in)
         if self.min_real_fraction >= 1.0:
             self.counts["synthetic_skipped"] += len(synthetic_in)
             synthetic_in = []
         self.synthetic_buffer.extend(synthetic_in)
         self.real_carry.extend(real_in)
+
+    def _mix_examples(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        b = len(rows)
+        sources = self._sources(rows)
+        real_in = [r for r, s in zip(rows, sources, strict=True) if s == REAL]
+        self._intake(real_in, [r for r, s in zip(rows, sources, strict=True) if s != REAL], b, len)
         done_units, done_real = self._begin_micro_batch()
         room = b - self._real_needed(done_units, done_real, b)
         remaining = self._remaining()
@@ -434,16 +438,7 @@ class MixingCollator:
             incoming_tokens += sum(len(s["input_ids"]) for s in segments)
             for seg, source in zip(segments, self._segment_sources(segments, source_of_example(row)), strict=True):
                 (real_in if source == REAL else synthetic_in).append(seg)
-        synthetic_in = self._filter_synthetic(synthetic_in)
-        self.counts["synthetic_seen"] += len(synthetic_in)
-        self.counts["synthetic_units_seen"] += sum(len(s["input_ids"]) for s in synthetic_in)
-        self.counts["intake_units"] += incoming_tokens
-        self.counts["real_seen"] += len(real_in)
-        if self.min_real_fraction >= 1.0:
-            self.counts["synthetic_skipped"] += len(synthetic_in)
-            synthetic_in = []
-        self.synthetic_buffer.extend(synthetic_in)
-        self.real_carry.extend(real_in)
+        self._intake(real_in, synthetic_in, incoming_tokens, lambda segs: sum(len(x["input_ids"]) for x in segs))
         done_units, done_real = self._begin_micro_batch()
         room = incoming_tokens - self._real_needed(done_units, done_real, incoming_tokens)
         remaining = self._remaining()
