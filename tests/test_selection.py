@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from collapse_guard.data import prompts_and_responses
 from collapse_guard.selection import (
     ContaminationFilter,
     DedupSelector,
@@ -28,7 +30,6 @@ from collapse_guard.selection import (
     numeric_match,
     regex_format,
 )
-from collapse_guard.data import prompts_and_responses
 from collapse_guard.testing import (
     degenerate_sentences,
     human_like_sentences,
@@ -75,7 +76,8 @@ def test_best_of_n_per_prompt_group_in_every_format():
     rows = [("q1", "x"), ("q1", "xxx"), ("q2", "yy"), ("q2", "y"), ("q1", "xx")]
     formats = {
         "messages": Dataset.from_dict({"messages": [chat(q, a) for q, a in rows]}),
-        "prompt_completion": Dataset.from_dict({"prompt": [q for q, _ in rows], "completion": [a for _, a in rows]}),
+        "prompt_completion": Dataset.from_dict({"prompt": [q for q, _ in rows],
+                                                "completion": [a for _, a in rows]}),
     }
     for data in formats.values():
         selector = Length(best_of_n=1)
@@ -98,13 +100,15 @@ def test_prompts_and_responses_reads_last_assistant_turn():
 def test_rejects_sink_and_pipeline_report(tmp_path):
     texts = ["Same answer.", "same answer!", "Call me at 555-123-4567.", "A unique answer here.", "x"]
     pipeline = SelectionPipeline(
-        [DedupSelector(), PrivacyFilter(), Length(threshold=2, name="length")], rejects_path=tmp_path / "rejects.jsonl"
+        [DedupSelector(), PrivacyFilter(), Length(threshold=2, name="length")],
+        rejects_path=tmp_path / "rejects.jsonl",
     )
     kept = pipeline(texts)
     assert kept["text"][:] == ["Same answer.", "A unique answer here."]
     report = pipeline.report
     assert (report["input"], report["kept"], report["dropped"]) == (5, 2, 3)
-    assert [s["reasons"] for s in report["steps"]] == [{"exact_duplicate": 1}, {"pii:phone": 1}, {"below_threshold": 1}]
+    assert [s["reasons"] for s in report["steps"]] == [
+        {"exact_duplicate": 1}, {"pii:phone": 1}, {"below_threshold": 1}]
     assert [s["input"] for s in report["steps"]] == [5, 4, 3]
     rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
     assert [(r["text"], r["reject_reason"], r["rejected_by"]) for r in rejects] == [
@@ -121,7 +125,8 @@ def test_single_selector_rejects_path(tmp_path):
     selector = PrivacyFilter(rejects_path=tmp_path / "r.jsonl")
     selector(Dataset.from_dict({"text": ["ok", "mail ann@example.com"], "id": [1, 2]}))
     (row,) = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
-    assert row == {"text": "mail ann@example.com", "id": 2, "reject_reason": "pii:email", "rejected_by": "privacy"}
+    assert row == {"text": "mail ann@example.com", "id": 2, "reject_reason": "pii:email",
+                   "rejected_by": "privacy"}
 
 
 class Boom(Selector):
@@ -133,7 +138,8 @@ class Boom(Selector):
     ("make", "data", "error", "match"),
     [
         (lambda: Boom(threshold=0.0), Dataset.from_dict({"text": []}), ValueError, "empty"),
-        (lambda: Boom(threshold=0.0), Dataset.from_dict({"content": ["x"]}), ValueError, "'messages'.*'text'"),
+        (lambda: Boom(threshold=0.0), Dataset.from_dict({"content": ["x"]}), ValueError,
+         "'messages'.*'text'"),
         (lambda: Boom(best_of_n=1, group_column="question"), Dataset.from_dict({"text": ["x"]}), ValueError,
          r"lacks column\(s\) \['question'\]"),
         (lambda: VerifierSelector(exact_answer_match()), Dataset.from_dict({"text": ["5"]}), ValueError,
@@ -169,12 +175,14 @@ def test_bad_policy_values_name_field_and_value():
 # ----- reward model ------------------------------------------------------------------------------------
 def _naive_rewards(model, tok, texts):
     with torch.no_grad():
-        return [model(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item() for t in texts]
+        return [model(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+                for t in texts]
 
 
 def test_reward_model_batched_sorted_matches_one_by_one(tokenizer):
     model = tiny_reward_model(tokenizer)
-    data = Dataset.from_dict({"messages": [chat(f"Question {i}?", " ".join(human_like_sentences(1 + i % 4, seed=i)))
+    data = Dataset.from_dict({"messages": [chat(f"Question {i}?",
+                                                " ".join(human_like_sentences(1 + i % 4, seed=i)))
                                            for i in range(13)]})
     selector = RewardModelSelector(model, tokenizer, top_k=4, batch_size=8, forward_batch_size=3)
     formatted = selector.format(data[:])
@@ -200,10 +208,12 @@ def test_reward_model_from_path_and_prompt_completion(tmp_path, tokenizer):
     tiny_reward_model(tokenizer).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     selector = RewardModelSelector(str(tmp_path), threshold=-1e9)
-    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Yo?"}]],
+    data = Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi?"}],
+                                         [{"role": "user", "content": "Yo?"}]],
                               "completion": [[{"role": "assistant", "content": "Hello."}],
                                              [{"role": "assistant", "content": "Hey there."}]]})
-    assert selector.format(data[:])[1] == "<|im_start|>user\nYo?<|im_end|>\n<|im_start|>assistant\nHey there.<|im_end|>\n"
+    assert selector.format(data[:])[1] == (
+        "<|im_start|>user\nYo?<|im_end|>\n<|im_start|>assistant\nHey there.<|im_end|>\n")
     assert len(selector(data)) == 2 and selector.report["reasons"] == {}
 
 
@@ -249,7 +259,8 @@ def _arithmetic():
 
 def test_verifier_keeps_correct_and_reports_phi_psi_pstar():
     data = _arithmetic()
-    data = data.add_column("correct", exact_answer_match()([[m[-1]] for m in data["messages"]], answer=data["answer"]))
+    correct = exact_answer_match()([[m[-1]] for m in data["messages"]], answer=data["answer"])
+    data = data.add_column("correct", correct)
     selector = VerifierSelector(exact_answer_match())
     kept = selector(data)
     assert all(kept["correct"]) and len(kept) == 4
@@ -276,7 +287,8 @@ def test_verifier_weights_none_scores_and_batch_filter():
     def only_long(completions, **kwargs):
         return [None if len(c) < 6 else float("x" in c) for c in completions]
 
-    selector = VerifierSelector([only_long, regex_format("x")], weights=[1.0, 1.0], threshold=1.0, label_column=None)
+    selector = VerifierSelector([only_long, regex_format("x")], weights=[1.0, 1.0], threshold=1.0,
+                                label_column=None)
     kept = selector(Dataset.from_dict({"text": ["x", "xxxxxxxx", "yyyyyyyy", "y"]}))
     assert kept["text"][:] == ["x", "xxxxxxxx"]
     assert selector.report["reasons"] == {"verifier_rejected": 2}
@@ -292,7 +304,7 @@ def test_verifier_rejects_wrong_signature():
 # ----- perplexity -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_lm():
-    """A tiny LM trained briefly on human-like sentences plus one repeated sentence (which it learns by heart)."""
+    """A tiny LM trained briefly on human-like sentences plus one repeated sentence (learnt by heart)."""
     from collapse_guard.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -304,7 +316,8 @@ def trained_lm():
     g = torch.Generator().manual_seed(0)
     for _ in range(60):
         idx = torch.randint(0, len(texts), (32,), generator=g)
-        out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=labels[idx])
+        out = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx],
+                    labels=labels[idx])
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -340,7 +353,7 @@ def test_perplexity_selector_with_precomputed_bounds_and_bad_args(tokenizer):
     assert math.isfinite(ppl) and ppl > 1
 
 
-# ----- dedup and contamination ---------------------------------------------------------------------------------
+# ----- dedup and contamination -------------------------------------------------------------------------
 def test_dedup_exact_near_and_against_real():
     real = ["The old bridge watched the quiet harbour with great care on a cold winter morning near the sea."]
     base = "A farmer carried three red apples to the market before the rain came down over the valley today"
@@ -393,11 +406,14 @@ def test_dedup_state_resets_per_call_and_persists_in_batch_filter():
 
 def test_contamination_13_gram_overlap():
     heldout = human_like_sentences(4, seed=3)
-    benchmark = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+    benchmark = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+                 "in May.")
     selector = ContaminationFilter(eval_texts=[benchmark, *heldout])
-    leaked = "Here is a question: natalia sold clips to 48 of her friends in april and then she sold half. Solve it."
+    leaked = ("Here is a question: natalia sold clips to 48 of her friends in april and then she sold half. "
+              "Solve it.")
     short = heldout[0].lower().rstrip(".")  # shorter than 13 words, identical to a held-out text
-    clean = "Natalia sold clips to friends. Then she sold pencils in May to 48 different people in her school."
+    clean = ("Natalia sold clips to friends. Then she sold pencils in May to 48 different people in her "
+             "school.")
     kept = selector(Dataset.from_dict({"prompt": ["Q1", "Q2", "Q3"], "completion": [leaked, short, clean]}))
     assert kept["completion"][:] == [clean]
     assert selector.report["reasons"] == {"contamination": 2}
@@ -405,7 +421,7 @@ def test_contamination_13_gram_overlap():
         ContaminationFilter([])
 
 
-# ----- privacy ----------------------------------------------------------------------------------------------------
+# ----- privacy -------------------------------------------------------------------------------------------
 def test_privacy_verbatim_copy_threshold():
     real = [" ".join(human_like_sentences(12, seed=5))]
     words = real[0].split()
@@ -442,7 +458,7 @@ def test_privacy_pii_patterns(text, reason):
     assert selector.last_rejects[0]["reject_reason"] == reason if reason else not selector.last_rejects
 
 
-# ----- selection inside training: the MixingCollator's synthetic filter -----------------------------------------
+# ----- selection inside training: the MixingCollator's synthetic filter ---------------------------------
 def test_mixing_collator_applies_selector_filter_and_holds_floor(tokenizer):
     from collapse_guard.mixing import MixingCollator
 
@@ -478,7 +494,54 @@ def test_select_arithmetic_example_runs_on_smollm2(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     exact = summary["exact_answer_match"]
-    assert exact["psi"] in (0.0, None) or math.isnan(exact["psi"])  # the oracle-backed verifier keeps no wrong sample
+    # the oracle-backed verifier keeps no wrong sample
+    assert exact["psi"] in (0.0, None) or math.isnan(exact["psi"])
     assert exact["kept"] == 0 or exact["correct_share_kept"] == 1.0
     assert {"phi", "psi", "breakdown_point"} <= set(summary["majority_vote"])
     assert (tmp_path / "report_exact_answer_match.json").exists()
+
+
+# ----- math answers: math-verify and the built-in fallback ---------------------------------------------
+def test_math_answer_match_builtin_fallback():
+    from collapse_guard.selection import math_answer_match
+
+    verify = math_answer_match(backend="builtin")
+    completions = [r"It is \boxed{\frac{1}{2}}.", "The probability is 0.5.", "We get $x = 2$.",
+                   r"\boxed{\sqrt{8}}", "13"]
+    answers = ["0.5", r"50\%", "2", r"2\sqrt{2}", "12"]
+    assert verify(completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 0.0]  # square roots need math-verify
+    assert verify.backend == "builtin"
+    with pytest.raises(ValueError, match="backend='sympy' is unknown"):
+        math_answer_match(backend="sympy")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
+                    reason="needs math-verify (collapse-guard[math])")
+def test_math_answer_match_uses_math_verify_and_trl_accuracy_reward_plugs_in():
+    from trl.rewards import accuracy_reward
+
+    from collapse_guard.selection import math_answer_match
+
+    verify = math_answer_match()
+    assert verify.backend == "math_verify"  # the default when installed
+    completions = [r"So $\boxed{\sqrt{8}}$", r"$\boxed{\{3, 2, 1\}}$", "The probability is $0.5$.",
+                   r"$\boxed{2}$"]
+    answers = [r"2\sqrt{2}", r"\{1,2,3\}", r"50\%", r"\sqrt{2}"]
+    assert verify(completions, answer=answers) == [1.0, 1.0, 1.0, 0.0]
+    data = Dataset.from_dict({"messages": [chat("Solve.", c) for c in completions],
+                              "solution": [f"${a}$" for a in answers]})
+    selector = VerifierSelector(accuracy_reward, label_column=None)  # TRL's GRPO reward, unchanged
+    assert len(selector(data)) == 2 and selector.report["reasons"] == {"verifier_rejected": 2}
+
+
+def test_latex_answers_example_table(tmp_path):
+    out = tmp_path / "table.json"
+    cmd = [sys.executable, str(REPO / "examples/verify_latex_answers.py"), "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["exact_answer_match"]["equal_pairs_matched"] == 3
+    assert summary["math_answer_match[builtin]"]["equal_pairs_matched"] == 7
+    assert all(s["unequal_pairs_accepted"] == 0 for s in summary.values())
+    if importlib.util.find_spec("math_verify") is not None:
+        assert summary["math_answer_match[math_verify]"]["equal_pairs_matched"] == 12

@@ -8,11 +8,19 @@ from collapse_guard.generation.backends import (
     resolve_backend,
 )
 from collapse_guard.generation.continuation import ContinuationConfig, ContinuationGenerator
-from collapse_guard.generation.magpie import MagpieConfig, MagpieGenerator
-from collapse_guard.generation.templates import PRESETS, ChatTemplateInfo, TemplatePreset, derive_template
+from collapse_guard.generation.magpie import TASKS, MagpieConfig, MagpieGenerator, MagpieTask
+from collapse_guard.generation.templates import (
+    FAMILIES,
+    PRESETS,
+    ChatTemplateInfo,
+    TemplatePreset,
+    derive_template,
+)
 
 __all__ = [
+    "FAMILIES",
     "PRESETS",
+    "TASKS",
     "ChatTemplateInfo",
     "Completion",
     "ContinuationConfig",
@@ -20,6 +28,7 @@ __all__ = [
     "Decoding",
     "MagpieConfig",
     "MagpieGenerator",
+    "MagpieTask",
     "TemplatePreset",
     "TransformersBackend",
     "VLLMBackend",

@@ -4,6 +4,19 @@ Verifiers use TRL's reward-function signature, `(completions, **kwargs) -> list[
 GRPO reward function works here and the built-ins work in `GRPOTrainer`: `kwargs` carry `prompts`
 and every other dataset column (e.g. `answer`).
 
+Math answers: `math_answer_match()` checks them with Hugging Face's math-verify when it is installed
+(`pip install 'collapse-guard[math]'`: symbolic equality, so `0.5` = `\\frac{1}{2}`, `\\sqrt{8}` =
+`2\\sqrt{2}`, `\\{3,2,1\\}` = `\\{1,2,3\\}`, `50\\%` = 0.5) and falls back to fast built-in rules
+otherwise; on the 12 equal LaTeX answer pairs of `examples/verify_latex_answers.py` math-verify matches
+12, the built-in fallback 7, `exact_answer_match` 3, and none accepts any of the 6 unequal pairs.
+TRL's own `trl.rewards.accuracy_reward` (math-verify inside; reference answers in a `solution`
+column; chat-format completions) plugs into `VerifierSelector` unchanged:
+
+```python
+from trl.rewards import accuracy_reward
+selector = VerifierSelector(accuracy_reward)  # rows: messages + solution
+```
+
 With ground truth (a boolean column such as `correct`, or an `oracle` callable), the selector
 estimates phi = P(keep | correct), psi = P(keep | wrong) and the breakdown point
 p* = 1 / (1 + psi / phi) ("Beyond Model Collapse", Feng et al. 2024): selection keeps the training
@@ -25,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import re
@@ -98,7 +112,8 @@ def exact_answer_match(answer_column: str = "answer") -> Verifier:
         out = []
         for completion, answer in zip(completions, answers, strict=True):
             predicted = extract_answer(content(completion))
-            out.append(float(predicted is not None and normalize_answer(predicted) == normalize_answer(answer)))
+            same = predicted is not None and normalize_answer(predicted) == normalize_answer(answer)
+            out.append(float(same))
         return out
 
     exact_answer.required_columns = (answer_column,)  # type: ignore[attr-defined]
@@ -115,11 +130,104 @@ def numeric_match(answer_column: str = "answer", rel_tol: float = 1e-6, abs_tol:
             predicted = extract_answer(content(completion))
             p = _to_number(normalize_answer(predicted)) if predicted is not None else None
             a = answer if isinstance(answer, (int, float)) else _to_number(normalize_answer(answer))
-            out.append(float(p is not None and a is not None and math.isclose(p, a, rel_tol=rel_tol, abs_tol=abs_tol)))
+            close = p is not None and a is not None and math.isclose(p, a, rel_tol=rel_tol, abs_tol=abs_tol)
+            out.append(float(close))
         return out
 
     numeric.required_columns = (answer_column,)  # type: ignore[attr-defined]
     return numeric
+
+
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
+
+
+def _builtin_math_value(answer: str) -> str:
+    """A light LaTeX normalization for the fallback: \\frac{a}{b} -> a/b, 50\\% -> 0.5, x = 2 -> 2."""
+    s = normalize_answer(answer)
+    s = _LATEX_FRAC.sub(r"(\1)/(\2)", s).replace("\\left", "").replace("\\right", "")
+    s = re.sub(r"^[a-z]=", "", s)
+    percent = re.fullmatch(r"(-?[\d.]+)\\?%", s)
+    if percent:
+        return repr(float(percent.group(1)) / 100)
+    return s.replace("(", "").replace(")", "") if re.fullmatch(r"\(?-?[\d.]+\)?/\(?[\d.]+\)?", s) else s
+
+
+def _builtin_math_equal(predicted: str | None, answer: Any) -> bool:
+    if predicted is None:
+        return False
+    p, a = _builtin_math_value(predicted), _builtin_math_value(str(answer))
+    if p == a:
+        return True
+    pv, av = _to_number(p), _to_number(a)
+    return pv is not None and av is not None and math.isclose(pv, av, rel_tol=1e-6, abs_tol=1e-9)
+
+
+def math_verify_available() -> bool:
+    """Whether the `math-verify` package (Hugging Face's LaTeX answer checker) is installed."""
+    return importlib.util.find_spec("math_verify") is not None
+
+
+def math_answer_match(answer_column: str = "answer", backend: str = "auto") -> Verifier:
+    r"""1.0 when the completion's final answer is mathematically equal to `answer`, else 0.0.
+
+    Args:
+        answer_column: the column holding the reference answer (LaTeX or plain).
+        backend: `"math_verify"` (symbolic equality with Hugging Face's math-verify: `\frac{1}{2}` = 0.5,
+            `\sqrt{8}` = `2\sqrt{2}`, sets in any order, `50\%` = 0.5, intervals, `x = 2` = 2),
+            `"builtin"` (fast string / numeric rules: last `\boxed{}` or number, fractions and percent), or
+            `"auto"` (math-verify when installed, the built-ins otherwise). `None` is returned for a
+            reference math-verify cannot parse (left out of the verifier mean, as in TRL's accuracy_reward).
+
+    Example:
+
+    ```python
+    >>> from collapse_guard.selection import math_answer_match
+    >>> verify = math_answer_match(backend="builtin")
+    >>> verify([r"It is \boxed{\frac{1}{2}}.", "I get 0.4"], answer=["0.5", "0.5"])
+    [1.0, 0.0]
+
+    ```
+
+    TRL's own `trl.rewards.accuracy_reward` (math-verify inside, reference column `solution`) also works
+    unchanged in `VerifierSelector` for chat data: `VerifierSelector(accuracy_reward)`.
+    """
+    if backend not in ("auto", "math_verify", "builtin"):
+        raise ValueError(f"backend={backend!r} is unknown; choose 'auto', 'math_verify' or 'builtin'.")
+    if backend == "math_verify" and not math_verify_available():
+        raise ModuleNotFoundError("math_answer_match(backend='math_verify') needs math-verify: "
+                                  "`pip install 'collapse-guard[math]'` (or `pip install math-verify`).")
+    use_math_verify = backend == "math_verify" or (backend == "auto" and math_verify_available())
+
+    def math_answer(completions: list, **kwargs: Any) -> list[float | None]:
+        answers = _column(kwargs, answer_column, "math_answer_match")
+        texts = [content(c) for c in completions]
+        if use_math_verify:
+            return _math_verify_scores(texts, answers)
+        return [float(_builtin_math_equal(extract_answer(t), a)) for t, a in zip(texts, answers, strict=True)]
+
+    math_answer.required_columns = (answer_column,)  # type: ignore[attr-defined]
+    math_answer.backend = "math_verify" if use_math_verify else "builtin"  # type: ignore[attr-defined]
+    return math_answer
+
+
+def _math_verify_scores(texts: list[str], answers: list) -> list[float | None]:
+    import threading
+
+    from math_verify import parse, verify
+
+    # math-verify times out with signal.alarm, which only the main thread may use
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    out: list[float | None] = []
+    for text, answer in zip(texts, answers, strict=True):
+        gold_text = str(answer)
+        gold = parse(gold_text if "$" in gold_text or "\\boxed" in gold_text else f"${gold_text}$",
+                     parsing_timeout=timeout) or parse(gold_text, parsing_timeout=timeout)
+        if not gold:
+            out.append(None)
+            continue
+        predicted = parse(text, parsing_timeout=timeout)
+        out.append(float(bool(predicted) and verify(gold, predicted, timeout_seconds=timeout)))
+    return out
 
 
 def regex_format(pattern: str, flags: int = re.DOTALL, full_match: bool = False) -> Verifier:
@@ -128,7 +236,8 @@ def regex_format(pattern: str, flags: int = re.DOTALL, full_match: bool = False)
     match = compiled.fullmatch if full_match else compiled.search
 
     def regex(completions: list, **kwargs: Any) -> list[float]:
-        return [float(match(content(c).strip() if full_match else content(c)) is not None) for c in completions]
+        return [float(match(content(c).strip() if full_match else content(c)) is not None)
+                for c in completions]
 
     regex.__name__ = "regex_format"
     return regex
@@ -195,7 +304,8 @@ class VerifierSelector(Selector):
         super().__init__(threshold=threshold, **kwargs)
         verifiers = [verifiers] if callable(verifiers) else list(verifiers)
         if not verifiers or not all(callable(v) for v in verifiers):
-            raise TypeError(f"verifiers must be a callable or a non-empty list of callables, got {verifiers!r}.")
+            raise TypeError(f"verifiers must be a callable or a non-empty list of callables, got "
+                            f"{verifiers!r}.")
         for v in verifiers + ([oracle] if oracle is not None else []):
             params = inspect.signature(v).parameters
             if "completions" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -206,7 +316,8 @@ class VerifierSelector(Selector):
         if weights is not None and len(weights) != len(verifiers):
             raise ValueError(f"weights has {len(weights)} entries for {len(verifiers)} verifiers.")
         self.verifiers = verifiers
-        self.weights = np.asarray(weights if weights is not None else [1.0] * len(verifiers), dtype=np.float64)
+        weights = weights if weights is not None else [1.0] * len(verifiers)
+        self.weights = np.asarray(weights, dtype=np.float64)
         self.label_column = label_column
         self.oracle = oracle
         self.required_columns = tuple(c for v in verifiers for c in getattr(v, "required_columns", ()))
@@ -218,7 +329,8 @@ class VerifierSelector(Selector):
         if fmt == "messages":
             prompts, completions = [], []
             for messages in batch["messages"]:
-                end = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+                end = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"),
+                          default=len(messages))
                 prompts.append(list(messages[:end]))
                 completions.append(list(messages[end : end + 1]))
         elif fmt == "prompt_completion":
@@ -234,7 +346,8 @@ class VerifierSelector(Selector):
         for j, verifier in enumerate(self.verifiers):
             out = list(verifier(**inputs))
             if len(out) != n:
-                raise ValueError(f"verifier {getattr(verifier, '__name__', verifier)!r} returned {len(out)} scores for {n}.")
+                name = getattr(verifier, "__name__", verifier)
+                raise ValueError(f"verifier {name!r} returned {len(out)} scores for {n}.")
             table[j] = [np.nan if s is None else float(s) for s in out]
         present = ~np.isnan(table)
         weight = (self.weights[:, None] * present).sum(0)
@@ -265,9 +378,11 @@ class VerifierSelector(Selector):
         self.stats.update(quality)
         if quality["error_rate"] > quality["breakdown_point"]:
             warnings.warn(
-                f"{self.name}: the generator's error rate {quality['error_rate']:.3f} is above the verifier's "
+                f"{self.name}: the generator's error rate {quality['error_rate']:.3f} is above the "
+                f"verifier's "
                 f"breakdown point p* = {quality['breakdown_point']:.3f} (phi={quality['phi']:.3f}, "
-                f"psi={quality['psi']:.3f}): most kept samples are wrong, so training on them degrades the model "
+                f"psi={quality['psi']:.3f}): most kept samples are wrong, so training on them degrades the "
+                f"model "
                 "(Feng et al. 2024). Use a stricter verifier or a stronger generator.",
                 stacklevel=3,
             )
