@@ -26,12 +26,15 @@ def generated(kind, model, tokenizer):
         config = ContinuationConfig(prefix_tokens=4, max_new_tokens=8, decoding="sample", show_progress=False)
         return real, ContinuationGenerator(model, tokenizer, config).generate(real["text"][:12], seed=1)
     real = tiny_chat_datasets(n_real=24)[0]
+    if kind == "prompt_completion":
+        real = real.map(lambda ex: {"prompt": ex["messages"][:-1], "completion": ex["messages"][-1:]},
+                        remove_columns=["messages"])
     config = MagpieConfig(instruction_max_new_tokens=12, response_max_new_tokens=16, clean=False,
-                          show_progress=False)
+                          show_progress=False, output=kind)
     return real, MagpieGenerator(model, tokenizer, config).generate(8, seed=1)
 
 
-@pytest.mark.parametrize("kind", ["text", "messages"])
+@pytest.mark.parametrize("kind", ["text", "messages", "prompt_completion"])
 def test_generate_select_mix_train(kind, tmp_path, tokenizer):
     from trl import SFTConfig, SFTTrainer
 

@@ -189,6 +189,9 @@ class MagpieConfig:
                           "either way)."},
     )
     n_turns: int = field(default=1, metadata={"help": "Instruction/response turns per conversation."})
+    output: str = field(default="messages", metadata={
+        "help": "'messages' (a `messages` column of chat turns) or 'prompt_completion' (conversational `prompt` "
+                "and `completion` columns, TRL's prompt-completion format: the loss covers the answer only)."})
     instruction_max_new_tokens: int = field(default=128, metadata={"help": "Token budget of an instruction."})
     instruction_temperature: float | None = field(
         default=None,
@@ -224,6 +227,9 @@ class MagpieConfig:
     show_progress: bool = field(default=True, metadata={"help": "tqdm progress bar (rank 0 only)."})
 
     def __post_init__(self) -> None:
+        if self.output not in ("messages", "prompt_completion"):
+            raise ValueError(f"MagpieConfig.output={self.output!r} is unknown; choose 'messages' or "
+                             "'prompt_completion'.")
         if self.task is not None and self.task not in TASKS:
             raise ValueError(f"MagpieConfig.task={self.task!r} is unknown; choose one of {sorted(TASKS)} "
                              "or None.")
@@ -383,7 +389,10 @@ class MagpieGenerator:
                 for i, c in enumerate(chosen)
             ],
         }
-        dataset = Dataset.from_dict(rows, features=chat_features())
+        if cfg.output == "prompt_completion":  # everything before the last assistant turn is the prompt
+            rows = {"prompt": [c[:-1] for c in kept], "completion": [c[-1:] for c in kept],
+                    "provenance": rows["provenance"]}
+        dataset = Dataset.from_dict(rows, features=chat_features(cfg.output))
         seconds = time.perf_counter() - start
         self.stats = {
             "requested": n,
@@ -456,11 +465,13 @@ def _attempts(shortfall: int, kept: int, attempted: int) -> int:
     return min(math.ceil(shortfall * 1.1 / rate), 4 * shortfall)
 
 
-def chat_features():
+def chat_features(output: str = "messages"):
     """Schema of Magpie datasets (explicit, so an empty result still has the right columns)."""
     from datasets import Features, List, Value
 
+    turns = List({"role": Value("string"), "content": Value("string")})
+    columns = {"messages": turns} if output == "messages" else {"prompt": turns, "completion": turns}
     return Features({
-        "messages": List({"role": Value("string"), "content": Value("string")}),
+        **columns,
         "provenance": {"source": Value("string"), "round": Value("int64"), "meta": Value("string")},
     })
