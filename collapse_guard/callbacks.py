@@ -199,6 +199,8 @@ class CollapseGuardCallback(TrainerCallback):
         self.spent["seconds"] += cost["seconds"]
         self.spent["tokens"] += cost["forward_tokens"]
         self.spent["measurements"] += 1
+        for part in ("perplexity_seconds", "generation_seconds", "signals_seconds"):
+            self.spent[part] = self.spent.get(part, 0.0) + cost.get(part, 0.0)
         entry = {"round": self.config.round_index, "step": step, "final": final, **signals}
         if self.collator is not None:
             entry.update({f"mixing/{k}": v for k, v in self.collator.metrics().items()})
@@ -208,7 +210,9 @@ class CollapseGuardCallback(TrainerCallback):
 
     def _judge(self, entry: dict[str, Any], update_floor: bool = True) -> None:
         self.history.add(entry)
+        started = time.perf_counter()
         verdict = self.detector.check(self.history.context(self.config.round_index))
+        self.spent["detector_seconds"] = self.spent.get("detector_seconds", 0.0) + time.perf_counter() - started
         self.last_verdict = verdict
         entry.update({k: v for k, v in verdict.signals.items() if k.endswith("_ratio")})
         entry.update(level=verdict.level, reasons=list(verdict.reasons), evidence=verdict.to_dict().get("evidence", {}))
