@@ -132,13 +132,13 @@ def model_folder(name: str) -> str:
 
 def _load(model_name: str, dtype: str):
     import torch
-    from accelerate import PartialState
     from transformers import AutoModelForCausalLM
 
+    from collapse_guard.distributed import init_process_group
     from collapse_guard.loop import load_tokenizer
 
     folder = model_folder(model_name)
-    state = PartialState()  # joins the process group under accelerate launch / torchrun
+    state = init_process_group()  # joins the process group under accelerate launch / torchrun
     if dtype == "auto":
         dtype = "bfloat16" if state.device.type == "cuda" else "float32"
     tokenizer = load_tokenizer(folder)

@@ -25,6 +25,7 @@ import os
 from typing import Any
 
 from collapse_guard.data import conversations, prompts_and_responses
+from collapse_guard.distributed import gather, rank_world
 from collapse_guard.selection.base import Selector
 
 
@@ -57,14 +58,6 @@ def check_reward_model(model, label_index: int | None) -> int:
     if isinstance(label_index, bool) or not isinstance(label_index, int) or not 0 <= label_index < num_labels:
         raise ValueError(f"label_index must be an int in [0, {num_labels}), got {label_index!r}.")
     return label_index
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class RewardModelSelector(Selector):
@@ -149,19 +142,15 @@ class RewardModelSelector(Selector):
 
     def score(self, batch: dict[str, list]) -> list[float]:
         sequences = self.encode(self.format(batch))
-        rank, world = _rank_world()
+        rank, world = rank_world()
         if world == 1:
             return self.score_ids(sequences)
-        import torch.distributed as dist
-
         # stride over the length order so every rank gets a similar mix of long and short samples
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         mine = order[rank::world]
         local = list(zip(mine, self.score_ids([sequences[i] for i in mine]), strict=True))
-        gathered: list[list[tuple[int, float]]] = [[] for _ in range(world)]
-        dist.all_gather_object(gathered, local)
         scores = [0.0] * len(sequences)
-        for part in gathered:
+        for part in gather(local):
             for i, value in part:
                 scores[i] = value
         return scores
