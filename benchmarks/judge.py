@@ -42,7 +42,8 @@ def main() -> None:
     import torch
 
     from collapse_guard.resources import load_smollm2
-    from collapse_guard.selection import LLMJudge, judge_agreement
+    from collapse_guard.selection import LLMJudge
+    from collapse_guard.selection.judge import judge_agreement
 
     torch.set_num_threads(2)
     model, tok = load_smollm2()

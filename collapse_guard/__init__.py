@@ -51,7 +51,33 @@ _EXPORTS = {
     "write_report": "collapse_guard.report",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CollapseDetector",
+    "CollapseGuardCallback",
+    "ContaminationFilter",
+    "ContinuationConfig",
+    "ContinuationGenerator",
+    "DedupSelector",
+    "DetectorConfig",
+    "HeldoutPerplexity",
+    "MagpieConfig",
+    "MagpieGenerator",
+    "MixingCollator",
+    "PerplexitySelector",
+    "PrivacyFilter",
+    "RewardModelSelector",
+    "SelectionPipeline",
+    "Selector",
+    "Verdict",
+    "VerifierSelector",
+    "diversity_metrics",
+    "load_config",
+    "load_source",
+    "mix_datasets",
+    "run_rounds",
+    "with_provenance",
+    "write_report",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -72,7 +98,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from collapse_guard.config import load_config
     from collapse_guard.data import load_source
     from collapse_guard.detector import CollapseDetector, DetectorConfig, Verdict
-    from collapse_guard.generation import ContinuationConfig, ContinuationGenerator, MagpieConfig, MagpieGenerator
+    from collapse_guard.generation import (
+        ContinuationConfig,
+        ContinuationGenerator,
+        MagpieConfig,
+        MagpieGenerator,
+    )
     from collapse_guard.loop import run_rounds
     from collapse_guard.metrics import HeldoutPerplexity, diversity_metrics
     from collapse_guard.mixing import MixingCollator, mix_datasets

@@ -32,7 +32,6 @@ from collapse_guard.stats import TEXT_SIGNALS, RatioInterval, diversity_ratio_in
 
 LEVELS = ("ok", "warn", "alarm")
 # Keys of a history entry that describe it rather than measure the model.
-METADATA_KEYS = ("round", "step", "level", "reasons", "evidence")
 # Relative disagreement between a stored heldout_ppl and the one its per-document sums give, past which the
 # sums are taken to belong to other documents (a wiring bug) and are not used: rounding stays far below it.
 _PPL_CONSISTENCY = 1e-3
@@ -55,7 +54,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass
 class DetectorConfig:
-    """Thresholds of the collapse rules (defaults: the DESIGN table) and of the intervals behind them.
+    """Thresholds of the collapse rules (defaults: the thresholds of the collapse literature, see the module docstring) and of the intervals behind them.
 
     Ratios compare the latest history entry with the baseline (`history[0]`). A signal missing from the
     latest entry or the baseline is skipped; a non-finite value of a `nonfinite_alarm_signals` signal is an

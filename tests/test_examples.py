@@ -44,7 +44,9 @@ def test_guard_example_is_about_three_lines_more():
 
 def test_guard_example_measures_heldout_perplexity(tmp_path):
     trainer, _ = _load("sft_guard").main(["--output-dir", str(tmp_path), "--max-steps", "4"])
-    guard = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "CollapseGuardCallback")
+    from collapse_guard import CollapseGuardCallback
+
+    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CollapseGuardCallback))
     assert guard.history.entries and guard.history.entries[0]["heldout_ppl"] > 1
     assert trainer.data_collator.real_fraction >= 0.5
 

@@ -11,7 +11,8 @@ import pytest
 from datasets import Dataset
 
 from collapse_guard.provenance import make_provenance
-from collapse_guard.selection import JudgeSelector, LLMJudge, SelectionPipeline, judge_agreement
+from collapse_guard.selection import JudgeSelector, LLMJudge, SelectionPipeline
+from collapse_guard.selection.judge import judge_agreement
 from collapse_guard.testing import tiny_causal_lm, tiny_tokenizer
 
 LABELLED = Path(__file__).parent / "data" / "judge_labelled.jsonl"

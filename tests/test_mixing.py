@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import warnings
 
 import pytest
 from datasets import Dataset, IterableDataset
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 from collapse_guard.data import DataFormatError
 from collapse_guard.mixing import MixingCollator, RowFormat, mix_datasets, tokenize_row
 from collapse_guard.mixing.attach import dry_run
-from collapse_guard.testing import tiny_causal_lm, tiny_chat_datasets, tiny_text_datasets
+from collapse_guard.testing import tiny_causal_lm, tiny_text_datasets
 
 REAL_ID = re.compile(r"\breal (\d+)\b")
 SYNTHETIC_ID = re.compile(r"\bsynthetic (\d+)\b")

@@ -11,12 +11,12 @@ from unittest import mock
 
 import pytest
 
-from collapse_guard.selection import (
+from collapse_guard.selection import privacy
+from collapse_guard.selection.privacy import (
     PII_KINDS,
     PrivacyFilter,
     find_pii,
     presidio_detector,
-    privacy,
     privacy_scores,
 )
 

@@ -26,10 +26,10 @@ from collapse_guard.selection import (
     VerifierSelector,
     breakdown_point,
     exact_answer_match,
-    extract_answer,
     numeric_match,
     regex_format,
 )
+from collapse_guard.selection.verifier import extract_answer
 from collapse_guard.testing import (
     degenerate_sentences,
     human_like_sentences,

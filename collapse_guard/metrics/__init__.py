@@ -16,7 +16,6 @@ from collapse_guard.metrics.perplexity import (
     HeldoutPerplexity,
     PerplexityResult,
     document_perplexities,
-    unwrap_causal_lm,
 )
 
 __all__ = [
@@ -33,5 +32,4 @@ __all__ = [
     "tail_coverage",
     "type_token_ratio",
     "unigram_entropy",
-    "unwrap_causal_lm",
 ]
