@@ -299,7 +299,7 @@ def select_step(ctx: RunContext, r: int, generated):
     c = ctx.config
     path = ctx.round_dir(r) / "selected"
     if is_main():
-        report: dict[str, Any] = {"generated": len(generated), "wanted": c.n_samples}
+        report: dict[str, Any] = {"generated": len(generated), "wanted": c.n_samples, "pool_factor": c.pool_factor}
         selected = generated
         if c.selectors and len(generated):
             ctx.progress.phase(r, f"selecting from {len(generated)} samples ({len(c.selectors)} selectors)")
@@ -476,6 +476,7 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
         "synthetic_tokens_trained": int(counts["synthetic_tokens"]), "real_tokens_trained": int(counts["real_tokens"]),
         "synthetic_rows_untrained": len(collator.synthetic_buffer), "real_top_up": int(counts["real_top_up"]),
         "floor": collator.min_real_fraction, "guard_cost_share": guard.cost_share() if guard is not None else None,
+        "unit": m.unit, "epochs": float(trainer.args.num_train_epochs),
     }
     if is_main():
         atomic_write_json(ctx.round_dir(r) / "train.json", info)
@@ -566,6 +567,8 @@ def evaluate_step(ctx: RunContext, r: int) -> dict[str, Any]:
                                        e.context_length, e.max_batch_tokens)
         entry.update(perplexity_concentration(scored, human))
         extra["human_reference_ppl"] = human
+        finite = sorted(p for p in human if math.isfinite(p))
+        extra["human_low_ppl_cut"] = finite[len(finite) // 4] if finite else None  # the low-ppl rule's 25th pct
         if r > 0:
             generated = load_dataset_dir(ctx.round_dir(r) / "generated")
             from collapse_guard.data import texts_of
@@ -646,6 +649,9 @@ def run_round(ctx: RunContext, r: int):
                     lambda: Verdict.from_dict(read_json(ctx.round_dir(r) / "verdict.json")))
     _step(ctx, r, "artifacts", lambda: artifacts_step(ctx, r), lambda: None)
     ctx.progress.round_done()
+    if is_main():
+        ctx.state.timings.setdefault(str(r), round(ctx.progress.round_seconds[-1], 1))
+        ctx.state.save()
     return verdict
 
 
@@ -710,10 +716,18 @@ def run_recipe(config: LoopConfig, restart: bool = False) -> dict[str, Any]:
     runs = expand(config)
     for run in runs.values():
         check_config(run)  # all of them before the first expensive step
-    results = {name: run_rounds(run, restart) for name, run in runs.items()}
+    results = {}
+    for k, (name, run) in enumerate(runs.items(), start=1):
+        if len(runs) > 1 and is_main():
+            logger.info("%s: run %d of %d: %s -> %s", config.name, k, len(runs), name, run.output_dir)
+        results[name] = run_rounds(run, restart)
     if len(runs) > 1 and is_main():
         from collapse_guard.report import write_comparison
 
+        arms: dict[str, list[str]] = {}
+        for name, result in results.items():
+            arms.setdefault(name.split("/")[0], []).append(result["run_dir"])
+        atomic_write_json(Path(config.output_dir) / "variants.json", {"arms": arms, "seeds": config.seeds})
         write_comparison(config.output_dir, [r["run_dir"] for r in results.values()], title=config.name)
     barrier()
     return results

@@ -74,12 +74,13 @@ class RunState:
     done: dict[str, list[str]] = field(default_factory=dict)
     stopped: dict[str, Any] | None = None
     finished: bool = False
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per round (a resumed round: its last part)
 
     @classmethod
     def load(cls, folder: Path) -> RunState:
         data = read_json(folder / "run_state.json", default={}) or {}
         return cls(folder / "run_state.json", data.get("config"), data.get("done", {}), data.get("stopped"),
-                   data.get("finished", False))
+                   data.get("finished", False), data.get("timings", {}))
 
     @property
     def started(self) -> bool:
@@ -95,8 +96,10 @@ class RunState:
         self.save()
 
     def save(self) -> None:
+        from collapse_guard import __version__
+
         atomic_write_json(self.path, {"config": self.config, "done": self.done, "stopped": self.stopped,
-                                      "finished": self.finished})
+                                      "finished": self.finished, "timings": self.timings, "version": __version__})
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
