@@ -621,8 +621,10 @@ def _step(ctx: RunContext, r: int, step: str, run, load=None):
     """Runs a step (on every rank; it decides what rank 0 alone does) unless run_state.json says it finished."""
     if ctx.state.is_done(r, step) and load is not None:
         return load()
+    started = time.perf_counter()
     result = run()
     if is_main():
+        ctx.state.timings[f"{r}/{step}"] = round(time.perf_counter() - started, 2)
         ctx.state.mark(r, step)
     barrier()
     return result
@@ -649,9 +651,6 @@ def run_round(ctx: RunContext, r: int):
                     lambda: Verdict.from_dict(read_json(ctx.round_dir(r) / "verdict.json")))
     _step(ctx, r, "artifacts", lambda: artifacts_step(ctx, r), lambda: None)
     ctx.progress.round_done()
-    if is_main():
-        ctx.state.timings.setdefault(str(r), round(ctx.progress.round_seconds[-1], 1))
-        ctx.state.save()
     return verdict
 
 

@@ -74,7 +74,7 @@ class RunState:
     done: dict[str, list[str]] = field(default_factory=dict)
     stopped: dict[str, Any] | None = None
     finished: bool = False
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per round (a resumed round: its last part)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per 'round/step' (the run's time split)
 
     @classmethod
     def load(cls, folder: Path) -> RunState:
