@@ -19,7 +19,6 @@ Reads every run folder (<arm>/seed_<s>) and writes benchmarks/results/detector_c
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path

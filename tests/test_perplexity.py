@@ -2,6 +2,7 @@ import copy
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from collapse_guard.metrics import HeldoutPerplexity, document_perplexities, load_metric
+from collapse_guard.metrics import HeldoutPerplexity, document_perplexities, load_metric, perplexity
 from collapse_guard.metrics.perplexity import unwrap_causal_lm
 from collapse_guard.testing import human_like_sentences
 
@@ -18,8 +19,11 @@ sys.path.insert(0, str(SCRIPTS))
 from ppl_dist import heldout_texts  # noqa: E402
 
 
-def naive_perplexity(model, tokenizer, texts, context_length, stride=None):
-    """Independent reference: one window at a time through the model's own loss, weighted by token counts."""
+def naive_perplexity(model, tokenizer, texts, context_length, stride=None, sums=None):
+    """Independent reference: one window at a time through the model's own loss, weighted by token counts.
+
+    Appends each document's (summed NLL, scored tokens) to `sums` when given.
+    """
     nll, n, per_doc = 0.0, 0, []
     with torch.no_grad():
         for ids in tokenizer(texts)["input_ids"]:
@@ -40,6 +44,8 @@ def naive_perplexity(model, tokenizer, texts, context_length, stride=None):
                 if stride is not None and end == len(ids):
                     break
             per_doc.append(math.exp(doc_nll / doc_n) if doc_n else math.nan)
+            if sums is not None:
+                sums.append((doc_nll, doc_n))
             nll, n = nll + doc_nll, n + doc_n
     return math.exp(nll / n), n, per_doc
 
@@ -53,15 +59,20 @@ def assert_same_docs(ours, reference, rel=1e-4):
 @pytest.mark.parametrize("stride", [None, 5])
 def test_matches_naive_token_weighted_loss(tokenizer, tiny_model, stride):
     texts = heldout_texts()
-    result = HeldoutPerplexity(texts, tokenizer, context_length=16, stride=stride, max_batch_tokens=64).compute(
-        tiny_model
-    )
-    ppl, n, per_doc = naive_perplexity(tiny_model, tokenizer, texts, 16, stride)
+    evaluator = HeldoutPerplexity(texts, tokenizer, context_length=16, stride=stride, max_batch_tokens=64)
+    result = evaluator.compute(tiny_model)
+    sums = []
+    ppl, n, per_doc = naive_perplexity(tiny_model, tokenizer, texts, 16, stride, sums)
     assert result.n_tokens == n
     assert result.perplexity == pytest.approx(ppl, rel=1e-4)
     assert result.nll_sum == pytest.approx(math.log(ppl) * n, rel=1e-4)
     assert result.n_skipped == 1 and math.isnan(result.per_document[-1])
     assert_same_docs(result.per_document, per_doc)
+    # per-document sums, for a bootstrap over documents: they add up to the corpus sums
+    assert result.document_tokens == [doc_n for _, doc_n in sums]
+    assert result.document_nll == pytest.approx([doc_nll for doc_nll, _ in sums], rel=1e-4, abs=1e-6)
+    assert sum(result.document_nll) == pytest.approx(result.nll_sum, rel=1e-12)
+    assert sum(result.document_tokens) == result.n_tokens
 
 
 def test_batching_does_not_change_the_result(tokenizer, tiny_model):
@@ -70,6 +81,57 @@ def test_batching_does_not_change_the_result(tokenizer, tiny_model):
     large = HeldoutPerplexity(texts, tokenizer, context_length=16, max_batch_tokens=4096).compute(tiny_model)
     assert small.perplexity == pytest.approx(large.perplexity, rel=1e-6)
     assert_same_docs(small.per_document, large.per_document, rel=1e-6)
+
+
+def test_small_logits_chunks_and_a_biased_head_give_the_same_result(tokenizer, tiny_model, monkeypatch):
+    texts = heldout_texts()
+    reference = HeldoutPerplexity(texts, tokenizer, context_length=16).compute(tiny_model)
+    # 7-row chunks: every batch spans several chunks of the reused logits buffer, the last one partial
+    monkeypatch.setattr(perplexity, "_LOGITS_CHUNK_BYTES", 4 * len(tokenizer) * 7)
+    chunked = HeldoutPerplexity(texts, tokenizer, context_length=16).compute(tiny_model)
+    assert chunked.perplexity == pytest.approx(reference.perplexity, rel=1e-6)
+    # a head that is not a bias-free fp32 Linear takes the allocating path: same numbers
+    biased = copy.deepcopy(tiny_model)
+    weight = biased.lm_head.weight.detach().clone()
+    biased.lm_head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+    biased.lm_head.weight.data.copy_(weight)
+    biased.lm_head.bias.data.zero_()
+    assert perplexity._plain_head_weight(biased.lm_head, torch.device("cpu")) is None
+    other = HeldoutPerplexity(texts, tokenizer, context_length=16).compute(biased)
+    assert other.perplexity == pytest.approx(reference.perplexity, rel=1e-6)
+    assert_same_docs(other.per_document, reference.per_document, rel=1e-6)
+
+
+def test_in_place_cross_entropy_matches_float64():
+    torch.manual_seed(0)
+    logits = torch.randn(37, 1000) * 8 + 30  # large offsets: the max must be subtracted first
+    targets = torch.randint(0, 1000, (37,))
+    expected = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")
+    got = perplexity._nll_in_place(logits.clone(), targets)
+    assert torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_batch_cuts_are_optimal_and_within_budget(seed):
+    rng = random.Random(seed)
+    lengths = sorted((rng.randint(2, 40) for _ in range(rng.randint(1, 9))), reverse=True)
+    budget, overhead = rng.randint(40, 120), rng.choice([0, 8, 64])
+    cuts = perplexity._cut_sorted(lengths, budget, overhead)
+    assert [i for i, _ in cuts] == [0] + [j for _, j in cuts[:-1]] and cuts[-1][1] == len(lengths)
+    assert all((j - i) * lengths[i] <= budget for i, j in cuts)
+
+    def cost(parts):
+        return sum((j - i) * lengths[i] + overhead for i, j in parts)
+
+    def partitions(start):  # every split of lengths[start:] into contiguous batches within the budget
+        if start == len(lengths):
+            yield []
+        for end in range(start + 1, len(lengths) + 1):
+            if (end - start) * lengths[start] <= budget:
+                for rest in partitions(end):
+                    yield [(start, end), *rest]
+
+    assert cost(cuts) == min(cost(p) for p in partitions(0))
 
 
 def test_stride_gives_more_context_and_scores_every_token_once(tokenizer, tiny_model):
@@ -137,7 +199,9 @@ def test_post_processed_logits_fall_back_to_the_full_forward(tokenizer, tiny_mod
             out = super().forward(*args, **kwargs)
             out.logits = out.logits * 3.0
             if labels is not None:
-                out.loss = self.loss_function(logits=out.logits, labels=labels, vocab_size=self.config.vocab_size)
+                out.loss = self.loss_function(
+                    logits=out.logits, labels=labels, vocab_size=self.config.vocab_size
+                )
             return out
 
     model = ScaledLogits(tiny_model.config)
@@ -173,7 +237,9 @@ def test_evaluate_module_matches_the_function(tokenizer, tiny_model, tiny_model_
     texts = heldout_texts()
     direct = HeldoutPerplexity(texts, tokenizer, context_length=16, stride=5).compute(tiny_model)
     metric = load_metric("heldout_perplexity")
-    out = metric.compute(predictions=texts, model=tiny_model, tokenizer=tokenizer, context_length=16, stride=5)
+    out = metric.compute(
+        predictions=texts, model=tiny_model, tokenizer=tokenizer, context_length=16, stride=5
+    )
     assert out["perplexity"] == pytest.approx(direct.perplexity, rel=1e-9)
     assert out["n_tokens"] == direct.n_tokens
     by_dir = metric.compute(predictions=texts, model_id=str(tiny_model_dir), context_length=16, stride=5)
@@ -184,10 +250,12 @@ def _launch(tmp_path: Path, mode: str) -> list[dict]:
     script = [str(SCRIPTS / "ppl_dist.py"), str(tmp_path), mode]
     if mode == "ddp":  # the acceptance setting: 2 CPU processes under accelerate
         # the interpreter's own module, not a PATH lookup: CI runs without the venv activated
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *script]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", *script]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", *script]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               *script]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPTS)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -197,9 +265,9 @@ def _launch(tmp_path: Path, mode: str) -> list[dict]:
 def _single_process(tokenizer, tiny_model) -> dict:
     texts = heldout_texts()
     return {
-        name: HeldoutPerplexity(texts, tokenizer, context_length=16, stride=stride, max_batch_tokens=64).compute(
-            tiny_model
-        )
+        name: HeldoutPerplexity(
+            texts, tokenizer, context_length=16, stride=stride, max_batch_tokens=64
+        ).compute(tiny_model)
         for name, stride in (("blocks", None), ("stride", 5))
     }
 
@@ -215,6 +283,8 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path, toke
             assert got["n_tokens"] == single.n_tokens
             assert got["perplexity"] == pytest.approx(single.perplexity, rel=1e-4)
             assert_same_docs(got["per_document"], single.per_document)
+            assert got["document_tokens"] == single.document_tokens
+            assert got["document_nll"] == pytest.approx(single.document_nll, rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.slow

@@ -2,9 +2,10 @@
 
 The evaluator tokenizes once, cuts every document into windows at a fixed context (non-overlapping blocks,
 or sliding windows with a stride where only the new tokens of each window are scored, as in the
-Hugging Face perplexity guide), sorts the windows by length and packs them into batches of at most
-`max_batch_tokens` padded tokens, starting a new batch once padding would pass 10%. The model's decoder runs once per batch; the output head and the
-cross-entropy then run over chunks of the scored positions only, so the full [B, L, V] fp32 logits are
+Hugging Face perplexity guide), sorts the windows by length and cuts the sorted list into batches of at
+most `max_batch_tokens` padded tokens where padding plus a per-forward cost is smallest (an exact dynamic
+program). The model's decoder runs once per batch; the output head and the cross-entropy then run over
+chunks of the scored positions only, into one reused logits buffer, so the full [B, L, V] fp32 logits are
 never built. Under `torch.distributed` every rank scores a shard of the windows and the per-document sums
 are all-reduced in float64, so every rank returns the identical result.
 
@@ -17,6 +18,7 @@ Example:
 >>> result = evaluator.compute(tiny_causal_lm(tok))
 >>> len(result.per_document), result.n_tokens > 0
 (8, True)
+
 ```
 """
 
@@ -25,16 +27,23 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-# Bytes of fp32 logits one cross-entropy chunk may hold: big enough to keep the head matmul efficient,
-# small enough that it never dominates peak memory (64 MiB = 341 tokens for a 49k vocabulary).
-_LOGITS_CHUNK_BYTES = 64 << 20
-# A batch may pad each window by up to this share of the batch's longest window; past it a new batch
-# starts, unless the batch is still below _MIN_BATCH_TOKENS padded tokens (too small to run efficiently).
-_PADDING_TOLERANCE = 0.1
-_MIN_BATCH_TOKENS = 1024
+from collapse_guard.distributed import all_reduce_sum, rank_world
+
+# Bytes of the fp32 logits buffer the head writes into, one chunk of scored positions at a time: one
+# buffer for the whole pass, so its size costs memory once; 128 MiB (682 rows of a 49k vocabulary) keeps
+# the head matmul near the speed of the decoder's (341 rows: -10% on CPU).
+_LOGITS_CHUNK_BYTES = 128 << 20
+# The fixed cost of one forward pass, in padded-token equivalents, that batching trades against padding.
+# CPU: streaming the weights once (SmolLM2-135M, fp32: a 8-token forward costs as much as ~50 tokens of a
+# large batch). Accelerators: kernel launches; a guess, not measured here.
+_FORWARD_COST_TOKENS = {"cpu": 64}
+_ACCELERATOR_FORWARD_COST_TOKENS = 1024
+# On CPU a batch larger than this runs no faster per token (its activations leave the cache) and only
+# takes memory, so `max_batch_tokens` is capped there.
+_CPU_BATCH_TOKENS = 2048
 
 
 @dataclass
@@ -42,12 +51,19 @@ class PerplexityResult:
     """Corpus and per-document perplexity; identical on every rank."""
 
     perplexity: float = field(metadata={"help": "exp(nll_sum / n_tokens)."})
-    nll_sum: float = field(metadata={"help": "Summed token negative log-likelihood (nats), all-reduced across ranks."})
+    nll_sum: float = field(metadata={"help": "Summed token negative log-likelihood (nats), all-reduced."})
     n_tokens: int = field(metadata={"help": "Number of predicted (scored) tokens, all-reduced across ranks."})
     per_document: list[float] = field(
-        metadata={"help": "Perplexity of each document in input order; NaN for documents shorter than 2 tokens."}
+        metadata={"help": "Perplexity of each document in input order; NaN for documents under 2 tokens."}
     )
-    n_skipped: int = field(default=0, metadata={"help": "Documents shorter than 2 tokens (nothing to predict)."})
+    n_skipped: int = field(default=0, metadata={"help": "Documents under 2 tokens (nothing to predict)."})
+    document_nll: list[float] = field(
+        default_factory=list,
+        metadata={"help": "Summed NLL (nats) of each document in input order, all-reduced; 0 if unscored."},
+    )
+    document_tokens: list[int] = field(
+        default_factory=list, metadata={"help": "Scored tokens of each document in input order, all-reduced."}
+    )
 
 
 @dataclass(frozen=True)
@@ -78,16 +94,19 @@ class HeldoutPerplexity:
         stride: when set, sliding windows of `context_length` advance by `stride` tokens and only the tokens
             new to each window are scored, so every token after the first sees up to `context_length - stride`
             tokens of context. Must be in [1, context_length].
-        max_batch_tokens: padded tokens (batch size x longest window) per forward pass.
+        max_batch_tokens: most padded tokens (batch size x longest window) per forward pass; on CPU at most
+            max(2048, context_length) are used, as larger batches are no faster there.
 
     Example:
 
     ```python
     >>> from collapse_guard.testing import tiny_tokenizer, tiny_causal_lm
     >>> tok = tiny_tokenizer()
-    >>> ppl = HeldoutPerplexity(["The river crossed the valley at dusk."] * 3, tok, context_length=4, stride=2)
+    >>> texts = ["The river crossed the valley at dusk."] * 3
+    >>> ppl = HeldoutPerplexity(texts, tok, context_length=4, stride=2)
     >>> ppl.compute(tiny_causal_lm(tok)).perplexity > 1
     True
+
     ```
     """
 
@@ -102,16 +121,22 @@ class HeldoutPerplexity:
         allow_empty: bool = False,
     ) -> None:
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise TypeError(f"texts must be a list of strings, got {type(texts).__name__}; wrap a single text in a list.")
+            raise TypeError(
+                f"texts must be a list of strings, got {type(texts).__name__}; wrap a single text in a list."
+            )
         if not texts and not allow_empty:
             raise ValueError("texts is empty: pass at least one held-out document (a list of strings).")
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
             raise TypeError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str.")
         if context_length < 2:
-            raise ValueError(f"context_length must be >= 2 (one context token + one predicted), got {context_length}.")
+            raise ValueError(
+                f"context_length must be >= 2 (one context token + one predicted), got {context_length}."
+            )
         if stride is not None and not 1 <= stride <= context_length:
-            raise ValueError(f"stride must be in [1, context_length={context_length}] or None for blocks, got {stride}.")
+            raise ValueError(
+                f"stride must be in [1, context_length={context_length}] or None for blocks, got {stride}."
+            )
         if max_batch_tokens < context_length:
             raise ValueError(
                 f"max_batch_tokens={max_batch_tokens} is smaller than context_length={context_length}; "
@@ -130,9 +155,9 @@ class HeldoutPerplexity:
         self.n_skipped = sum(len(ids) < 2 for ids in self.token_ids)
         if texts and self.n_skipped == len(texts) and not allow_empty:
             raise ValueError(
-                f"all {len(texts)} documents are shorter than 2 tokens: nothing to predict; pass longer texts."
+                f"all {len(texts)} documents are shorter than 2 tokens: nothing to predict; pass longer ones."
             )
-        self._batches: dict[tuple[int, int], list[_Batch]] = {}
+        self._batches: dict[tuple[int, int, str], list[_Batch]] = {}
         self._split_ok: dict[int, bool] = {}
 
     def _windows(self, doc: int, n: int) -> list[_Window]:
@@ -141,7 +166,8 @@ class HeldoutPerplexity:
         size = self.context_length
         if self.stride is None:
             # A trailing 1-token block predicts nothing (its token would need the previous block as context).
-            return [_Window(doc, s, min(s + size, n), 1) for s in range(0, n, size) if min(s + size, n) - s >= 2]
+            starts = [s for s in range(0, n, size) if min(s + size, n) - s >= 2]
+            return [_Window(doc, s, min(s + size, n), 1) for s in starts]
         windows, prev_end = [], 0
         for begin in range(0, n, self.stride):
             end = min(begin + size, n)
@@ -152,37 +178,41 @@ class HeldoutPerplexity:
         return windows
 
     def compute(self, model) -> PerplexityResult:
-        """Scores the held-out set with `model` (plain, PEFT, DDP/FSDP/DeepSpeed-wrapped); restores train mode."""
-        world, rank = _world()
+        """Scores the held-out set with `model` (plain, PEFT, DDP/FSDP/DeepSpeed); keeps its train mode."""
+        rank, world = rank_world()
         if world > 1:
             _check_same_documents(self.n_documents, _comm_device(model))
         nll, count = self._local_sums(model, world, rank, sync_steps=world > 1 and _is_sharded(model))
         if world > 1:
-            sums = torch.cat([nll, count]).to(_comm_device(model))
-            torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM)
-            sums = sums.cpu()
+            sums = all_reduce_sum(torch.cat([nll, count]).to(_comm_device(model))).cpu()
             nll, count = sums[: self.n_documents], sums[self.n_documents :]
         return _result(nll, count, self.n_skipped)
 
-    def _local_sums(self, model, world: int, rank: int, sync_steps: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _local_sums(self, model, world: int, rank: int, sync_steps: bool) -> tuple[torch.Tensor, ...]:
         """Per-document (nll, scored tokens) for this rank's shard, float64 on CPU."""
         inner = unwrap_causal_lm(model)
         device = _input_device(inner)
         nll = torch.zeros(self.n_documents, dtype=torch.float64, device=_acc_device(device))
         count = torch.zeros(self.n_documents, dtype=torch.float64, device=nll.device)
-        batches = self._shard_batches(world, rank)
+        batches = self._shard_batches(world, rank, device)
         # Sharded models (FSDP) gather parameters collectively inside forward: every rank must run the same
         # number of forwards, so ranks with fewer batches run throwaway ones.
-        n_steps = max(len(self._shard_batches(world, r)) for r in range(world)) if sync_steps else len(batches)
+        n_steps = len(batches)
+        if sync_steps:
+            n_steps = max(len(self._shard_batches(world, r, device)) for r in range(world))
         split = not sync_steps and self._can_split(inner, device)
+        logits = _logits_buffer(inner, batches, device) if split else None
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
                 for step in range(n_steps):
-                    batch = batches[step] if step < len(batches) else (batches or self._shard_batches(1, 0))[0]
-                    runner = _score_split if split else _score_full
-                    batch_nll = runner(inner if split else model, batch, device)
+                    spare = batches or self._shard_batches(1, 0, device)
+                    batch = batches[step] if step < len(batches) else spare[0]
+                    if split:
+                        batch_nll = _score_split(inner, batch, device, logits)
+                    else:
+                        batch_nll = _score_full(model, batch, device)
                     if step < len(batches):
                         doc_index = batch.doc_index.to(nll.device)
                         nll.index_add_(0, doc_index, batch_nll.to(nll.device, torch.float64))
@@ -191,30 +221,20 @@ class HeldoutPerplexity:
             model.train(was_training)
         return nll.cpu(), count.cpu()
 
-    def _shard_batches(self, world: int, rank: int) -> list[_Batch]:
-        key = (world, rank)
+    def _shard_batches(self, world: int, rank: int, device: torch.device) -> list[_Batch]:
+        key = (world, rank, device.type)
         if key not in self._batches:
             # Round-robin over length-sorted windows: every rank gets the same mix of long and short windows.
-            self._batches[key] = self._pack(self.windows[rank::world])
+            self._batches[key] = self._pack(self.windows[rank::world], device)
         return self._batches[key]
 
-    def _pack(self, windows: list[_Window]) -> list[_Batch]:
-        batches, current = [], []
-        for w in windows:  # sorted longest first, so current[0] is the longest of its batch
-            longest = current[0].end - current[0].start if current else 0
-            full = (len(current) + 1) * longest > self.max_batch_tokens
-            # Close a batch that is big enough once the next window would add too much padding: a token
-            # budget alone would pad a whole corpus of short documents to its longest one.
-            ragged = len(current) * longest >= _MIN_BATCH_TOKENS and (
-                w.end - w.start < (1 - _PADDING_TOLERANCE) * longest
-            )
-            if current and (full or ragged):
-                batches.append(self._collate(current))
-                current = []
-            current.append(w)
-        if current:
-            batches.append(self._collate(current))
-        return batches
+    def _pack(self, windows: list[_Window], device: torch.device) -> list[_Batch]:
+        budget = self.max_batch_tokens
+        if device.type == "cpu":
+            budget = min(budget, max(_CPU_BATCH_TOKENS, self.context_length))
+        overhead = _FORWARD_COST_TOKENS.get(device.type, _ACCELERATOR_FORWARD_COST_TOKENS)
+        lengths = [w.end - w.start for w in windows]
+        return [self._collate(windows[i:j]) for i, j in _cut_sorted(lengths, budget, overhead)]
 
     def _collate(self, windows: list[_Window]) -> _Batch:
         length = max(w.end - w.start for w in windows)
@@ -268,12 +288,13 @@ def document_perplexities(
     >>> ppl = document_perplexities(tiny_causal_lm(tok), tok, ["The river crossed the valley.", ""])
     >>> ppl[0] > 1, math.isnan(ppl[1])
     (True, True)
+
     ```
     """
     evaluator = HeldoutPerplexity(texts, tokenizer, context_length, None, max_batch_tokens, allow_empty=True)
     if not evaluator.windows:
         return [math.nan] * len(texts)
-    nll, count = evaluator._local_sums(model, 1, 0, sync_steps=False)
+    nll, count = evaluator._local_sums(model, 1, 0, sync_steps=False)  # this process only: no all-reduce
     return _result(nll, count, evaluator.n_skipped).per_document
 
 
@@ -286,7 +307,7 @@ def unwrap_causal_lm(model):
             model = model._orig_mod
         elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP, FSDP1, DeepSpeed
             model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT: LoRA layers stay inside
+        elif callable(getattr(model, "get_base_model", None)):  # PEFT: LoRA layers stay inside
             model = model.get_base_model()
     return model
 
@@ -301,7 +322,48 @@ def _decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return decoder, head
 
 
-def _score_split(inner, batch: _Batch, device: torch.device) -> torch.Tensor:
+def _cut_sorted(lengths: list[int], budget: int, overhead: int) -> list[tuple[int, int]]:
+    """Cuts windows sorted longest first into batches [i, j) of at most `budget` padded tokens.
+
+    Minimises the padded tokens plus `overhead` per batch exactly: best[j] = min over i of
+    best[i] + (j - i) * lengths[i] + overhead, where lengths[i] is the longest window of batch [i, j).
+    A batch that may start at i must satisfy (j - i) * lengths[i] <= budget, so the first allowed start
+    only moves forward as j grows.
+    """
+    n = len(lengths)
+    length = np.asarray(lengths, dtype=np.int64)
+    best = np.zeros(n + 1, dtype=np.float64)
+    start = np.zeros(n + 1, dtype=np.int64)
+    first = 0
+    for j in range(1, n + 1):
+        while (j - first) * length[first] > budget:
+            first += 1
+        i = np.arange(first, j)
+        cost = best[first:j] + (j - i) * length[first:j] + overhead
+        k = int(np.argmin(cost))
+        best[j], start[j] = cost[k], first + k
+    cuts, j = [], n
+    while j > 0:
+        cuts.append((int(start[j]), j))
+        j = int(start[j])
+    return cuts[::-1]
+
+
+def _logits_buffer(inner, batches: list[_Batch], device: torch.device) -> torch.Tensor | None:
+    """One fp32 [rows, vocab] buffer for every head chunk of a pass; None when the head is not a plain matmul.
+
+    Reusing it matters on CPU: a fresh 64+ MiB tensor per chunk is a fresh mmap whose page faults cost as
+    much as the log-softmax over it.
+    """
+    head = _decoder_and_head(inner)[1]
+    weight = _plain_head_weight(head, device)
+    if weight is None or not batches:
+        return None
+    rows = min(max(1, _LOGITS_CHUNK_BYTES // (4 * weight.shape[0])), max(len(b.targets) for b in batches))
+    return torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=device)
+
+
+def _score_split(inner, batch: _Batch, device: torch.device, logits: torch.Tensor | None) -> torch.Tensor:
     decoder, head = _decoder_and_head(inner)
     hidden = decoder(
         input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
@@ -309,13 +371,19 @@ def _score_split(inner, batch: _Batch, device: torch.device) -> torch.Tensor:
     selected = hidden[:, :-1][batch.score_mask.to(device)]  # [N, H]: only positions that predict a real token
     del hidden
     targets = batch.targets.to(device)
-    vocab = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    chunk = max(1, _LOGITS_CHUNK_BYTES // (4 * vocab))
-    parts = [
-        F.cross_entropy(head(selected[s : s + chunk]).float(), targets[s : s + chunk], reduction="none")
-        for s in range(0, selected.shape[0], chunk)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, device=device)
+    weight = _plain_head_weight(head, device) if selected.dtype == torch.float32 else None
+    if logits is None or weight is None:
+        chunk = max(1, _LOGITS_CHUNK_BYTES // (4 * _vocab(head)))
+        parts = [_nll_in_place(head(selected[s : s + chunk]).float(), targets[s : s + chunk])
+                 for s in range(0, selected.shape[0], chunk)]
+        return torch.cat(parts) if parts else torch.zeros(0, device=device)
+    nll = torch.empty(selected.shape[0], dtype=torch.float32, device=device)
+    chunk = logits.shape[0]
+    for s in range(0, selected.shape[0], chunk):
+        rows = selected[s : s + chunk]
+        out = torch.mm(rows, weight.t(), out=logits[: rows.shape[0]])
+        nll[s : s + rows.shape[0]] = _nll_in_place(out, targets[s : s + chunk])
+    return nll
 
 
 def _score_full(model, batch: _Batch, device: torch.device) -> torch.Tensor:
@@ -323,15 +391,44 @@ def _score_full(model, batch: _Batch, device: torch.device) -> torch.Tensor:
     logits = model(
         input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
     ).logits
-    selected = logits[:, :-1][batch.score_mask.to(logits.device)]
-    return F.cross_entropy(selected.float(), batch.targets.to(logits.device), reduction="none")
+    selected = logits[:, :-1][batch.score_mask.to(logits.device)].float()  # boolean indexing copies
+    return _nll_in_place(selected, batch.targets.to(logits.device))
+
+
+def _nll_in_place(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row, overwriting `logits` instead of allocating a second [N, V] tensor.
+
+    logsumexp(x) - x[target] with the max subtracted first; in fp32 it is closer to a float64 reference
+    than `F.cross_entropy` on CPU (mean error 5e-8 vs -8e-6 nats/token on SmolLM2 logits).
+    """
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    top = logits.amax(1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(1)
+    return total.log_().add_(top[:, 0]).sub_(target_logit)
+
+
+def _plain_head_weight(head, device: torch.device) -> torch.Tensor | None:
+    """The head's weight when the head is a bias-free fp32 `nn.Linear`: a matmul we may write in place."""
+    weight = getattr(head, "weight", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None or not isinstance(weight, torch.Tensor):
+        return None
+    return weight if weight.dtype == torch.float32 and weight.device == device else None
+
+
+def _vocab(head) -> int:
+    return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
 
 
 def _result(nll: torch.Tensor, count: torch.Tensor, n_skipped: int) -> PerplexityResult:
-    nll_sum, n_tokens = float(nll.sum()), int(count.sum())
-    per_document = [math.exp(n / c) if c > 0 else math.nan for n, c in zip(nll.tolist(), count.tolist(), strict=True)]
+    # Sum, then divide: the corpus perplexity weights every scored token alike, whatever its document.
+    document_nll, document_tokens = nll.tolist(), [int(c) for c in count.tolist()]
+    nll_sum, n_tokens = float(nll.sum()), sum(document_tokens)
+    pairs = zip(document_nll, document_tokens, strict=True)
+    per_document = [math.exp(n / c) if c else math.nan for n, c in pairs]
     perplexity = math.exp(nll_sum / n_tokens) if n_tokens else math.nan
-    return PerplexityResult(perplexity, nll_sum, n_tokens, per_document, n_skipped)
+    return PerplexityResult(
+        perplexity, nll_sum, n_tokens, per_document, n_skipped, document_nll, document_tokens
+    )
 
 
 def _pad_id(tokenizer) -> int:
@@ -340,13 +437,6 @@ def _pad_id(tokenizer) -> int:
         if value is not None:
             return int(value)
     return 0  # padded positions are masked out and never scored, so any valid id works
-
-
-def _world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def _is_sharded(model) -> bool:

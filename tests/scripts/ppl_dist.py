@@ -1,7 +1,7 @@
 """Multi-process held-out perplexity on CPU (gloo).
 
-    accelerate launch --multi_gpu --num_processes 2 ppl_dist.py OUT_DIR ddp    # model prepared by accelerate (DDP)
-    torchrun --nproc_per_node 2 ppl_dist.py OUT_DIR fsdp                       # FSDP2-sharded model
+    accelerate launch --multi_gpu --num_processes 2 ppl_dist.py OUT_DIR ddp  # model prepared by accelerate
+    torchrun --nproc_per_node 2 ppl_dist.py OUT_DIR fsdp                     # FSDP2-sharded model
 
 Each rank writes OUT_DIR/rank<k>.json with the blocks and stride results of the plain model and of the
 wrapped one; the test compares them across ranks and with one process.
@@ -26,9 +26,11 @@ def heldout_texts() -> list[str]:
 def results(model, texts, tok) -> dict:
     out = {}
     for name, stride in (("blocks", None), ("stride", 5)):
-        r = HeldoutPerplexity(texts, tok, context_length=16, stride=stride, max_batch_tokens=64).compute(model)
+        evaluator = HeldoutPerplexity(texts, tok, context_length=16, stride=stride, max_batch_tokens=64)
+        r = evaluator.compute(model)
         out[name] = {"perplexity": r.perplexity, "nll_sum": r.nll_sum, "n_tokens": r.n_tokens,
-                     "per_document": r.per_document, "n_skipped": r.n_skipped}
+                     "per_document": r.per_document, "n_skipped": r.n_skipped,
+                     "document_nll": r.document_nll, "document_tokens": r.document_tokens}
     return out
 
 
