@@ -127,7 +127,8 @@ def test_extends_variants_and_seeds(tmp_path):
     config = load_config(child)
     assert config.rounds == 5 and config.mixing.mode == "replace" and config.mixing.min_real_fraction == 0.3
     runs = expand(config)
-    assert list(runs) == ["a/seed_0", "a/seed_1", "b/seed_0", "b/seed_1"]
+    # Seeds outermost: a run cut short after the first seed still has every arm.
+    assert list(runs) == ["a/seed_0", "b/seed_0", "a/seed_1", "b/seed_1"]
     assert runs["a/seed_1"].mixing.min_real_fraction == 0.0 and runs["a/seed_1"].output_dir.endswith("out/a/seed_1")
     assert runs["a/seed_1"].seed == 1 and runs["b/seed_0"].rounds == 2 and runs["b/seed_0"].name == "b"
 
