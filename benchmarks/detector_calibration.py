@@ -1,6 +1,7 @@
-"""How trustworthy the detector's verdicts are, measured on the experiment's runs (recipes/experiment_cpu.yaml).
+"""How trustworthy the detector's verdicts are, measured on the experiment's runs \
+(recipes/experiment_cpu.yaml).
 
-    collapse-guard run recipes/experiment_cpu.yaml          # first: 8 arms x 3 seeds x 5 rounds (hours on CPU)
+    collapse-guard run recipes/experiment_cpu.yaml  # first: 8 arms x 3 seeds x 5 rounds (hours on CPU)
     python benchmarks/detector_calibration.py runs/experiment_cpu
 
 Reads every run folder (<arm>/seed_<s>) and writes benchmarks/results/detector_calibration.json and .md:
@@ -27,8 +28,8 @@ from typing import Any
 from collapse_guard.history import FILENAME, History
 from collapse_guard.io import atomic_write_json, atomic_write_text, read_json
 
-SIGNALS = ("heldout_ppl", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "unigram_entropy", "self_bleu4",
-           "tail_coverage", "low_ppl_share")
+SIGNALS = ("heldout_ppl", "distinct_1", "distinct_2", "distinct_3", "distinct_4", "unigram_entropy",
+           "self_bleu4", "tail_coverage", "low_ppl_share")
 LEVEL = {"ok": 0, "warn": 1, "alarm": 2}
 
 
@@ -118,8 +119,8 @@ def detection(folders: list[Path]) -> dict[str, Any]:
 
 
 def calibrated_thresholds(noise: dict[str, Any]) -> dict[str, Any]:
-    """Thresholds that follow from the healthy runs: just above the largest healthy value (a false alarm rate of
-    about 1 / (rounds + 1) on this sample), never below the design defaults' direction."""
+    """Thresholds that follow from the healthy runs: just above the largest healthy value (a false alarm rate
+    of about 1 / (rounds + 1) on this sample), never below the design defaults' direction."""
     out: dict[str, Any] = {}
     low = noise.get("heldout_ppl_interval_low_max")
     if low is not None:
@@ -147,7 +148,8 @@ def _describe(values: list[float]) -> dict[str, float]:
 def markdown(result: dict[str, Any]) -> str:
     h, d = result["healthy"], result["replace"]
     lines = [f"# Detector calibration ({result['experiment']})", "",
-             f"Healthy control `{result['healthy_arm']}`: {h['runs']} runs x rounds = {h['rounds']} verdicts.",
+             f"Healthy control `{result['healthy_arm']}`: {h['runs']} runs x rounds = {h['rounds']} "
+             "verdicts.",
              "", "| measure | value |", "|---|---|",
              f"| false warn rate (healthy rounds flagged warn or alarm) | {_pct(h['false_warn_rate'])} |",
              f"| false alarm rate (healthy rounds alarmed) | {_pct(h['false_alarm_rate'])} |",
@@ -161,12 +163,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {s} | {_span(v['warn'])} | {_span(v['alarm'])} |")
     lead = d["lead_of_earliest_signal_over_heldout_ppl_steps"]
     lines += ["", f"Lead of the earliest signal over held-out perplexity: {_span(lead)} steps.", "",
-              "## Healthy noise (ratio to round 0 over healthy rounds)", "", "| signal | min | median | max |",
-              "|---|---|---|---|"]
+              "## Healthy noise (ratio to round 0 over healthy rounds)", "",
+              "| signal | min | median | max |", "|---|---|---|---|"]
     for s, v in h["ratio"].items():
         lines.append(f"| {s} | {v['min']:.3f} | {v['median']:.3f} | {v['max']:.3f} |")
-    lines += ["", "## Thresholds that follow from the healthy runs", "", "| threshold | from the noise | in force |",
-              "|---|---|---|"]
+    lines += ["", "## Thresholds that follow from the healthy runs", "",
+              "| threshold | from the noise | in force |", "|---|---|---|"]
     for k, v in result["calibrated"].items():
         lines.append(f"| {k} | {v} | {result['defaults'].get(k.split(' ')[0], '')} |")
     return "\n".join(lines) + "\n"
@@ -203,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "calibrated": calibrated_thresholds(healthy),
         "defaults": {"ppl_ratio_warn": defaults.ppl_ratio_warn, "ppl_ratio_alarm": defaults.ppl_ratio_alarm,
                      "diversity_ratio_warn": defaults.diversity_ratio_warn,
-                     "self_bleu_ratio_warn": defaults.self_bleu_ratio_warn, "confidence": defaults.confidence},
+                     "self_bleu_ratio_warn": defaults.self_bleu_ratio_warn,
+                     "confidence": defaults.confidence},
     }
     atomic_write_json(f"{args.out}.json", result)
     atomic_write_text(f"{args.out}.md", markdown(result))

@@ -52,9 +52,11 @@ INSTRUCTIONS = [
 
 
 def chat_prompts(tokenizer, n: int) -> list[str]:
-    items = [INSTRUCTIONS[i % len(INSTRUCTIONS)] + ("" if i < len(INSTRUCTIONS) else f" (variant {i})") for i in range(n)]
+    items = [INSTRUCTIONS[i % len(INSTRUCTIONS)] + ("" if i < len(INSTRUCTIONS) else f" (variant {i})")
+             for i in range(n)]
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                      add_generation_prompt=True)
         for q in items
     ]
 
@@ -70,7 +72,8 @@ def bench_cpu_batching(args) -> dict:
     model.eval()
     prompts = chat_prompts(tokenizer, args.prompts)
     # min_new_tokens = max_new_tokens: both sides produce exactly prompts x max_new_tokens tokens.
-    decoding = Decoding(max_new_tokens=args.max_new_tokens, temperature=0.0, min_new_tokens=args.max_new_tokens)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens, temperature=0.0,
+                        min_new_tokens=args.max_new_tokens)
     backend = TransformersBackend(model, tokenizer, batch_size=args.batch_size)
     timed(backend, prompts[:2], Decoding(max_new_tokens=4, temperature=0.0), 2)  # warm-up
     runs: dict[str, list[float]] = {"batched": [], "one_at_a_time": []}
@@ -105,7 +108,8 @@ def bench_vllm(args) -> dict:
     missing = [why for ok, why in [(importlib.util.find_spec("vllm") is not None, "vLLM is not installed"),
                                    (torch.cuda.is_available(), "no CUDA GPU")] if not ok]
     if missing:
-        return {"skipped": f"{' and '.join(missing)}: run on a GPU machine with `pip install collapse-guard[vllm]`"}
+        return {"skipped": f"{' and '.join(missing)}: run on a GPU machine with "
+                           "`pip install collapse-guard[vllm]`"}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from collapse_guard.generation.backends import VLLMBackend
@@ -113,7 +117,8 @@ def bench_vllm(args) -> dict:
     directory = str(smollm2_dir())
     tokenizer = AutoTokenizer.from_pretrained(directory)
     prompts = chat_prompts(tokenizer, args.gpu_prompts)
-    decoding = Decoding(max_new_tokens=args.max_new_tokens, temperature=0.0, min_new_tokens=args.max_new_tokens)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens, temperature=0.0,
+                        min_new_tokens=args.max_new_tokens)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).cuda().eval()
     hf = TransformersBackend(model, tokenizer, batch_size=args.gpu_batch_size)
     vllm = VLLMBackend(directory, tokenizer, dtype="bfloat16", gpu_memory_utilization=0.5)
@@ -142,7 +147,8 @@ def main() -> None:
     parser.add_argument("--gpu-prompts", type=int, default=256)
     parser.add_argument("--gpu-batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared machine).")
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared "
+                             "machine).")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.threads:

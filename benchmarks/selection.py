@@ -33,7 +33,8 @@ RESULTS = Path(__file__).parent / "results" / "selection.json"
 
 
 def chat_samples(n: int, seed: int, min_words: int = 5, max_words: int = 40) -> Dataset:
-    """Questions with answers of min..max words cut from real news text (varied lengths, as generations are)."""
+    """Questions with answers of min..max words cut from real news text (varied lengths, as generations
+    are)."""
     rng = random.Random(seed)
     docs = human_texts("lee_background")
     rows = []
@@ -53,7 +54,8 @@ def naive_scores(selector: RewardModelSelector, data: Dataset) -> list[float]:
     with torch.no_grad():
         for row in data:
             text = tok.apply_chat_template(row["messages"], tokenize=False)
-            inputs = tok(text, return_tensors="pt", add_special_tokens=False, truncation=True, max_length=1024)
+            inputs = tok(text, return_tensors="pt", add_special_tokens=False, truncation=True,
+                         max_length=1024)
             out.append(model(**inputs).logits[0, 0].item())
     return out
 
@@ -142,7 +144,8 @@ def main() -> None:
     parser.add_argument("--dedup-docs", type=int, default=100_000)
     parser.add_argument("--dedup-runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
+                        help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy "
+                             "machine")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
     if args.threads:
@@ -151,15 +154,18 @@ def main() -> None:
     results = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "load_avg_1m_start": os.getloadavg()[0]},
-        "reward_model": bench_reward_model(args.rm_samples, args.runs, args.forward_batch_size, args.rm_max_words),
+        "reward_model": bench_reward_model(args.rm_samples, args.runs, args.forward_batch_size,
+                                           args.rm_max_words),
         "dedup": bench_dedup(args.dedup_docs, args.dedup_runs),
     }
     results["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     atomic_write_json(args.output, results)
     rm, dd = results["reward_model"], results["dedup"]
-    print(f"reward model: {rm['selector_samples_per_s']:.1f} samples/s batched vs {rm['naive_samples_per_s']:.1f} "
-          f"naive = {rm['speedup']:.1f}x (goal 4x), max score diff {rm['max_abs_score_diff']:.2e}")
-    print(f"dedup: {dd['documents']} docs in {dd['seconds']:.1f} s (goal < 60 s), kept {dd['kept']}, {dd['reasons']}")
+    print(f"reward model: {rm['selector_samples_per_s']:.1f} samples/s batched vs "
+          f"{rm['naive_samples_per_s']:.1f} naive = {rm['speedup']:.1f}x (goal 4x), "
+          f"max score diff {rm['max_abs_score_diff']:.2e}")
+    print(f"dedup: {dd['documents']} docs in {dd['seconds']:.1f} s (goal < 60 s), kept {dd['kept']}, "
+          f"{dd['reasons']}")
     print(f"written to {args.output}")
 
 

@@ -42,18 +42,19 @@ class GuardConfig:
     eval_steps: int = field(default=50, metadata={
         "help": "Fewest optimizer steps between two measurements (the cost budget may space them further)."})
     cost_budget: float | None = field(default=0.03, metadata={
-        "help": "Share of training the guard may spend measuring (0.03 = 3%); it skips a due measurement that "
-                "would exceed it. None: measure every eval_steps regardless of cost."})
+        "help": "Share of training the guard may spend measuring (0.03 = 3%); it skips a due measurement "
+                "that would exceed it. None: measure every eval_steps regardless of cost."})
     budget_unit: Literal["time", "tokens"] = field(default="time", metadata={
-        "help": "'time': wall-clock seconds; 'tokens': forward tokens (a training token counts 3: forward and "
-                "backward), machine-independent."})
+        "help": "'time': wall-clock seconds; 'tokens': forward tokens (a training token counts 3: forward "
+                "and backward), machine-independent."})
     generation_every: int = field(default=1, metadata={
-        "help": "Generate the prompt set at every N-th measurement only (held-out perplexity is cheaper); the "
-                "first and the final measurement always generate."})
+        "help": "Generate the prompt set at every N-th measurement only (held-out perplexity is cheaper); "
+                "the first and the final measurement always generate."})
     stop_training_on_alarm: bool = field(default=True, metadata={
-        "help": "An alarm stops this training run (control.should_training_stop, on every rank at the same step). "
-                "The loop's `end_run_on_alarm` is the separate switch that ends a multi-round run."})
-    round_index: int = field(default=0, metadata={"help": "This trainer's round in a multi-round loop (0 = first)."})
+        "help": "An alarm stops this training run (control.should_training_stop, on every rank at the same "
+                "step). The loop's `end_run_on_alarm` is the separate switch that ends a multi-round run."})
+    round_index: int = field(default=0, metadata={
+        "help": "This trainer's round in a multi-round loop (0 = first)."})
     history_path: str | None = field(default=None, metadata={
         "help": "The history file, shared across rounds (default: output_dir/collapse_history.json)."})
 
@@ -66,10 +67,12 @@ class GuardConfig:
             raise ValueError(f"GuardConfig.cost_budget must be in (0, 1) or None, got {self.cost_budget!r}.")
         if self.budget_unit not in ("time", "tokens"):
             raise ValueError(f"GuardConfig.budget_unit must be 'time' or 'tokens', got {self.budget_unit!r}.")
-        if isinstance(self.round_index, bool) or not isinstance(self.round_index, int) or self.round_index < 0:
+        if (isinstance(self.round_index, bool) or not isinstance(self.round_index, int)
+                or self.round_index < 0):
             raise ValueError(f"GuardConfig.round_index must be an int >= 0, got {self.round_index!r}.")
         if not isinstance(self.stop_training_on_alarm, bool):
-            raise TypeError(f"GuardConfig.stop_training_on_alarm must be True or False, got {self.stop_training_on_alarm!r}.")
+            raise TypeError("GuardConfig.stop_training_on_alarm must be True or False, "
+                            f"got {self.stop_training_on_alarm!r}.")
 
 
 class CollapseGuardCallback(TrainerCallback):
@@ -78,7 +81,8 @@ class CollapseGuardCallback(TrainerCallback):
     Args:
         heldout_texts: human documents the model never trains on; fixed across rounds.
         prompts: a fixed prompt set; its generations give the diversity signals (use 16 or more).
-        collator: the `MixingCollator` feeding the trainer; `attach` attaches it too and its counters are logged.
+        collator: the `MixingCollator` feeding the trainer; `attach` attaches it too and its counters are
+            logged.
         config: `GuardConfig` (frequency, cost budget, stop switch, round, history file).
         probe: `ProbeConfig` (perplexity context, generation settings), fixed for the run.
         detector: `DetectorConfig` (the collapse rules).
@@ -95,33 +99,38 @@ class CollapseGuardCallback(TrainerCallback):
     ```python
     >>> from collapse_guard.callbacks import CollapseGuardCallback
     >>> from collapse_guard.probe import ProbeConfig
-    >>> guard = CollapseGuardCallback(["A held-out human document about rivers."], probe=ProbeConfig(context_length=64))
+    >>> guard = CollapseGuardCallback(["A held-out human document about rivers."],
+    ...                               probe=ProbeConfig(context_length=64))
     >>> guard.config.cost_budget
     0.03
 
     ```
 
-    In a training script: `CollapseGuardCallback(human_texts("lee"), prompts=..., collator=collator).attach(trainer)`;
+    In a training script:
+    `CollapseGuardCallback(human_texts("lee"), prompts=..., collator=collator).attach(trainer)`;
     then `trainer.train()` stops on an alarm and `guard.last_verdict.reasons` says why.
     """
 
     def __init__(self, heldout_texts: list[str], prompts: list[str] | None = None, collator=None,
                  config: GuardConfig | None = None, probe: ProbeConfig | None = None,
-                 detector: DetectorConfig | None = None, reference_model=None, start: dict[str, Any] | None = None,
-                 floor: FloorConfig | None = None, policy_rules: DetectorConfig | None = None):
+                 detector: DetectorConfig | None = None, reference_model=None,
+                 start: dict[str, Any] | None = None, floor: FloorConfig | None = None,
+                 policy_rules: DetectorConfig | None = None):
         from collapse_guard.mixing import MixingCollator
 
         if collator is not None and not isinstance(collator, MixingCollator):
             raise TypeError(f"collator must be a MixingCollator, got {type(collator).__name__}.")
         self.config = config or GuardConfig()
         self.probe_config = probe or ProbeConfig()
-        for name, value, cls in (("config", self.config, GuardConfig), ("probe", self.probe_config, ProbeConfig)):
+        for name, value, cls in (("config", self.config, GuardConfig),
+                                 ("probe", self.probe_config, ProbeConfig)):
             if not isinstance(value, cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}.")
         self.heldout_texts, self.prompts = heldout_texts, prompts
         Probe(heldout_texts, None, self.probe_config, prompts)  # validates the texts now, before any training
         if floor is not None and collator is None:
-            raise ValueError("floor (the adaptive floor) moves a MixingCollator's real share: pass collator=... too.")
+            raise ValueError("floor (the adaptive floor) moves a MixingCollator's real share: "
+                             "pass collator=... too.")
         self.collator = collator
         self.floor = FloorController(floor) if floor is not None else None
         self._recheck_at: int | None = None
@@ -145,7 +154,8 @@ class CollapseGuardCallback(TrainerCallback):
     # ----- wiring ------------------------------------------------------------------------------------------
     def attach(self, trainer) -> CollapseGuardCallback:
         """Adds the guard (and its collator) to `trainer`, right behind the Trainer's flow control and ahead
-        of the `report_to` integrations, so its values reach TensorBoard / W&B / MLflow in the same log call."""
+        of the `report_to` integrations, so its values reach TensorBoard / W&B / MLflow in the same log
+        call."""
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
@@ -155,13 +165,14 @@ class CollapseGuardCallback(TrainerCallback):
         processing = trainer.processing_class or getattr(trainer.data_collator, "tokenizer", None)
         tokenizer = getattr(processing, "tokenizer", processing)
         if tokenizer is None:
-            raise ValueError("CollapseGuardCallback.attach: the trainer has no processing_class (tokenizer); build "
-                             "it with processing_class=tokenizer.")
+            raise ValueError("CollapseGuardCallback.attach: the trainer has no processing_class (tokenizer); "
+                             "build it with processing_class=tokenizer.")
         metric = (trainer.args.metric_for_best_model or "").removeprefix("eval_")
         if metric.startswith("heldout_ppl") and trainer.args.greater_is_better:
-            raise ValueError(f"metric_for_best_model={trainer.args.metric_for_best_model!r} is a perplexity (lower is "
-                             "better) but greater_is_better=True; pass greater_is_better=False.")
-        self.probe = Probe(self.heldout_texts, tokenizer, self.probe_config, self.prompts, self.reference_model)
+            raise ValueError(f"metric_for_best_model={trainer.args.metric_for_best_model!r} is a perplexity "
+                             "(lower is better) but greater_is_better=True; pass greater_is_better=False.")
+        self.probe = Probe(self.heldout_texts, tokenizer, self.probe_config, self.prompts,
+                           self.reference_model)
         if self.collator is not None:
             self.collator.attach(trainer)
         return self
@@ -169,7 +180,7 @@ class CollapseGuardCallback(TrainerCallback):
     def _history_file(self, args) -> str:
         return self.config.history_path or os.path.join(args.output_dir, FILENAME)
 
-    # ----- measuring and deciding ----------------------------------------------------------------------------
+    # ----- measuring and deciding -------------------------------------------------------------------------
     def _due(self, step: int, final: bool) -> bool:
         """Whether to measure at `step`: spacing, then the cost budget (rank 0 decides for every rank)."""
         if step == self._last_measured:
@@ -182,10 +193,11 @@ class CollapseGuardCallback(TrainerCallback):
         if budget is None or not self.spent["measurements"]:
             return True
         unit = "seconds" if self.config.budget_unit == "time" else "tokens"
-        trained = (time.perf_counter() - self._train["started"] - self.spent["seconds"]) if unit == "seconds" \
-            else 3.0 * self._train["tokens"]
+        trained = (time.perf_counter() - self._train["started"] - self.spent["seconds"]) \
+            if unit == "seconds" else 3.0 * self._train["tokens"]
         next_cost = self.spent[unit] / self.spent["measurements"]
-        return bool(broadcast(self.spent[unit] + next_cost <= budget * (trained + self.spent[unit] + next_cost)))
+        return bool(broadcast(self.spent[unit] + next_cost
+                              <= budget * (trained + self.spent[unit] + next_cost)))
 
     def measure(self, model, step: int, final: bool = False) -> dict[str, Any]:
         """Measures `model` now (collective), judges the history and records the entry."""
@@ -212,13 +224,16 @@ class CollapseGuardCallback(TrainerCallback):
         self.history.add(entry)
         started = time.perf_counter()
         verdict = self.detector.check(self.history.context(self.config.round_index))
-        self.spent["detector_seconds"] = self.spent.get("detector_seconds", 0.0) + time.perf_counter() - started
+        self.spent["detector_seconds"] = (self.spent.get("detector_seconds", 0.0)
+                                          + time.perf_counter() - started)
         self.last_verdict = verdict
         entry.update({k: v for k, v in verdict.signals.items() if k.endswith("_ratio")})
-        entry.update(level=verdict.level, reasons=list(verdict.reasons), evidence=verdict.to_dict().get("evidence", {}))
+        entry.update(level=verdict.level, reasons=list(verdict.reasons),
+                     evidence=verdict.to_dict().get("evidence", {}))
         if self.floor is not None and update_floor:
             value, reason = self.floor.update(verdict.level)
-            self.collator.min_real_fraction = value  # same verdicts on every rank: same floor at the same step
+            # same verdicts on every rank: same floor at the same step
+            self.collator.min_real_fraction = value
             entry.update(floor_reason=reason, **self.floor.state())
             if is_main():
                 logger.info("collapse guard, round %d step %d: %s", entry["round"], entry["step"], reason)
@@ -227,7 +242,8 @@ class CollapseGuardCallback(TrainerCallback):
             logger.warning("collapse guard, round %d step %d: %s", entry["round"], entry["step"], verdict)
 
     def _log_values(self, entry: dict[str, Any]) -> dict[str, float]:
-        flagged = {k for k, e in (entry.get("evidence") or {}).items() if isinstance(e, dict) and e.get("level") != "ok"}
+        flagged = {k for k, e in (entry.get("evidence") or {}).items()
+                   if isinstance(e, dict) and e.get("level") != "ok"}
         values = {LOG_PREFIX + k: v for k, v in scalars(entry).items() if k in LOGGED or k in flagged
                   or k.removesuffix("_ratio") in flagged}
         values[LOG_PREFIX + "level"] = float(LEVELS.index(entry.get("level", "ok")))
@@ -251,7 +267,8 @@ class CollapseGuardCallback(TrainerCallback):
         for e in entries:
             ratio = e.get("heldout_ppl_ratio")
             lines.append(f"  step {e['step']:>5}: held-out ppl {e['heldout_ppl']:.2f}"
-                         + (f" (x{ratio:.3f} of the baseline)" if ratio is not None else "") + f"  {e.get('level', '?')}")
+                         + (f" (x{ratio:.3f} of the baseline)" if ratio is not None else "")
+                         + f"  {e.get('level', '?')}")
         if self.last_verdict is not None:
             lines.append(f"  verdict: {self.last_verdict}")
         if self.stopped_at is not None:
@@ -259,8 +276,10 @@ class CollapseGuardCallback(TrainerCallback):
         if self.collator is not None:
             m = self.collator.metrics()
             lines.append(f"  real data: {m['real_fraction']:.1%} of the rows trained on (floor "
-                         f"{self.collator.min_real_fraction:.0%}); {int(m['synthetic_served'])} synthetic rows fed, "
-                         f"{int(m['synthetic_pending'])} left untrained, {int(m['real_top_up'])} real top-ups")
+                         f"{self.collator.min_real_fraction:.0%}); "
+                         f"{int(m['synthetic_served'])} synthetic rows fed, "
+                         f"{int(m['synthetic_pending'])} left untrained, "
+                         f"{int(m['real_top_up'])} real top-ups")
         return "\n".join(lines)
 
     def _save(self, state) -> None:
@@ -269,8 +288,10 @@ class CollapseGuardCallback(TrainerCallback):
 
     def _stop_if_alarm(self, control, step: int) -> None:
         alarm = self.last_verdict is not None and self.last_verdict.is_alarm
-        if alarm and self.floor is not None and self.floor.config.recheck_before_stop and self._recheck_at is None:
-            self._recheck_at = step + self.config.eval_steps  # the floor is at its maximum now: look again first
+        if (alarm and self.floor is not None and self.floor.config.recheck_before_stop
+                and self._recheck_at is None):
+            # the floor is at its maximum now: look again first
+            self._recheck_at = step + self.config.eval_steps
             return
         self._recheck_at = None if not alarm else self._recheck_at
         if alarm and self.config.stop_training_on_alarm:
@@ -278,13 +299,15 @@ class CollapseGuardCallback(TrainerCallback):
             self.stopped_at = step
             self.history.entries[-1]["stopped"] = True
 
-    # ----- Trainer events --------------------------------------------------------------------------------------
+    # ----- Trainer events ---------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.trainer is None or self.probe is None:
-            raise ValueError("CollapseGuardCallback was added without attach(): use guard.attach(trainer) after "
-                             "building the trainer (it adds the guard and its collator in the right place).")
+            raise ValueError("CollapseGuardCallback was added without attach(): use guard.attach(trainer) "
+                             "after building the trainer (it adds the guard and its collator in the right "
+                             "place).")
         path = self._history_file(args)
-        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "collapse_guard", FILENAME)
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "collapse_guard",
+                                  FILENAME)
         source = path if os.path.exists(path) or state.global_step == 0 else checkpoint
         self.history = History.load(source) if os.path.exists(source) else History()
         self.history.path = path
@@ -299,7 +322,8 @@ class CollapseGuardCallback(TrainerCallback):
             self.collator.min_real_fraction = self.floor.value
         current = self.history.at(self.config.round_index, state.global_step)
         if current is None and self.start is not None and state.global_step == 0:
-            current = self.history.add({**self.start, "round": self.config.round_index, "step": 0, "final": False})
+            current = self.history.add({**self.start, "round": self.config.round_index, "step": 0,
+                                        "final": False})
         if current is None:
             self.measure(model, state.global_step)
         else:  # resumed (or measured by the loop): judged again for the logs, the floor state is restored
@@ -323,7 +347,8 @@ class CollapseGuardCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         final = state.global_step >= state.max_steps
-        if self._due(state.global_step, final) or control.should_evaluate and state.global_step != self._last_measured:
+        if (self._due(state.global_step, final)
+                or control.should_evaluate and state.global_step != self._last_measured):
             self.measure(model, state.global_step, final=final)
             self._stop_if_alarm(control, state.global_step)
             self._save(state)
@@ -333,14 +358,16 @@ class CollapseGuardCallback(TrainerCallback):
         if logs is None:
             return
         loss = logs.get("loss", logs.get("eval_loss"))
-        if is_number(loss) and not math.isfinite(loss):  # a diverged run: judged now, not at the next measurement
+        # a diverged run: judged now, not at the next measurement
+        if is_number(loss) and not math.isfinite(loss):
             entry = self.history.at(self.config.round_index, state.global_step) or {
                 "round": self.config.round_index, "step": state.global_step, "final": False}
             entry["train_loss" if "loss" in logs else "eval_loss"] = float(loss)
             self._judge(entry)
             self._stop_if_alarm(control, state.global_step)
             self._save(state)
-        if any(k.startswith("eval_") for k in logs):  # Trainer.evaluate logs before on_evaluate: join them here
+        # Trainer.evaluate logs before on_evaluate: join them here
+        if any(k.startswith("eval_") for k in logs):
             entry = self.history.at(self.config.round_index, state.global_step)
             if entry is None:
                 entry = self.measure(kwargs["model"], state.global_step)

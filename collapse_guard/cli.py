@@ -1,11 +1,13 @@
 """`collapse-guard`: run recipes, write reports, run the embedded demo, generate data, search the real share.
 
 ```
-collapse-guard demo [--fast] [--out DIR]              # replace loop vs guarded loop on SmolLM2, then the report
+collapse-guard demo [--fast] [--out DIR]              # replace loop vs guarded loop on SmolLM2, then
+                                                      # the report
 collapse-guard run RECIPE.yaml [key.sub=value ...]     # a multi-round loop (also under `accelerate launch`)
 collapse-guard report RUN_DIR                          # (re)writes report.md/.html/.json and plots
 collapse-guard generate magpie|continuation ...        # synthetic data on its own
-collapse-guard ratio-search RECIPE.yaml [key=value...] # the smallest real share that keeps held-out ppl in bounds
+collapse-guard ratio-search RECIPE.yaml [key=value...] # the smallest real share that keeps held-out ppl in
+                                                       # bounds
 ```
 
 Importing this module is cheap (no torch): `--help` answers at once; the heavy imports happen in the
@@ -35,7 +37,8 @@ def _configure_logging(verbose: bool) -> None:
     from collapse_guard.distributed import MainProcessFilter
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s" if not verbose else "%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("%(message)s" if not verbose
+                                           else "%(levelname)s %(name)s: %(message)s"))
     handler.addFilter(MainProcessFilter())
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -128,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="library progress bars and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a multi-round recipe (continues if its output_dir holds the same run)")
+    run = sub.add_parser("run",
+                         help="run a multi-round recipe (continues if its output_dir holds the same run)")
     run.add_argument("recipe", nargs="?", help=f"recipe YAML, or a built-in name ({_recipe_names()})")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.learning_rate=1e-4")
     run.add_argument("--restart", action="store_true", help="discard what output_dir holds and start over")
-    run.add_argument("--help-config", action="store_true", help="list every recipe key with its default and help")
+    run.add_argument("--help-config", action="store_true",
+                     help="list every recipe key with its default and help")
     run.set_defaults(func=cmd_run)
 
     report = sub.add_parser("report", help="write the report of a run folder (or of a folder of runs)")
@@ -141,18 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="replace loop vs guarded loop on SmolLM2-135M-Instruct (CPU, ~10 min)")
     demo.add_argument("--fast", action="store_true", help="a smaller, noisier setting (a few minutes)")
-    demo.add_argument("--out", default=None, help="output folder (default: runs/demo, or runs/demo_fast with --fast)")
+    demo.add_argument("--out", default=None,
+                      help="output folder (default: runs/demo, or runs/demo_fast with --fast)")
     demo.add_argument("--restart", action="store_true", help="discard a previous demo run in the folder")
     demo.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo recipe")
     demo.set_defaults(func=cmd_demo)
 
-    search = sub.add_parser("ratio-search", help="find the smallest real share that keeps held-out ppl within "
-                                                 "a tolerance (short loops over a grid of shares)")
-    search.add_argument("recipe", help="recipe YAML or built-in name (its mixing.min_real_fraction is searched)")
+    search = sub.add_parser("ratio-search", help="find the smallest real share that keeps held-out ppl "
+                                                 "within a tolerance (short loops over a grid of shares)")
+    search.add_argument("recipe",
+                        help="recipe YAML or built-in name (its mixing.min_real_fraction is searched)")
     search.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     search.add_argument("--fractions", type=float, nargs="+", default=None,
                         help="the shares to try (default: 0.1 0.25 0.5 0.75)")
-    search.add_argument("--tolerance", type=float, default=1.05, help="largest held-out ppl ratio that passes")
+    search.add_argument("--tolerance", type=float, default=1.05,
+                        help="largest held-out ppl ratio that passes")
     search.add_argument("--restart", action="store_true", help="discard earlier searches in the folder")
     search.set_defaults(func=cmd_ratio_search)
 

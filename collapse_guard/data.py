@@ -39,9 +39,9 @@ TEXT_COLUMNS = ("text", "messages", "prompt", "completion", "input_ids", "labels
 # Built-in human text (gensim's test data, ships on PyPI) and the offline tiny sets of the test kit.
 HUMAN_SETS = ("lee_background", "lee", "wiki")
 TINY_SETS = ("human", "heldout", "chat")
-SOURCE_HELP = ("'human:lee_background' | 'human:lee' | 'human:wiki' (ship on PyPI via gensim), 'tiny:human' | "
-               "'tiny:heldout' | 'tiny:chat' (offline test sets), a .txt file (one document a line), a .json/.jsonl "
-               "file, a dataset folder saved with save_to_disk, or a Hub dataset id")
+SOURCE_HELP = ("'human:lee_background' | 'human:lee' | 'human:wiki' (ship on PyPI via gensim), "
+               "'tiny:human' | 'tiny:heldout' | 'tiny:chat' (offline test sets), a .txt file (one document a "
+               "line), a .json/.jsonl file, a dataset folder saved with save_to_disk, or a Hub dataset id")
 
 
 class DataFormatError(ValueError):
@@ -97,9 +97,9 @@ def require_format(data: Any, name: str, allowed: Sequence[str] = FORMATS) -> st
     columns = column_names(data)
     if fmt == PREFERENCE:
         raise DataFormatError(
-            f"{name} is preference data (columns {columns}: 'chosen'/'rejected'), which cannot be mixed into SFT "
-            f"batches. Supported: {', '.join(allowed)}. For DPO, use CollapseGuardCallback without MixingCollator "
-            "(held-out perplexity and generation diversity), or give SFT-format real data."
+            f"{name} is preference data (columns {columns}: 'chosen'/'rejected'), which cannot be mixed into "
+            f"SFT batches. Supported: {', '.join(allowed)}. For DPO, use CollapseGuardCallback without "
+            "MixingCollator (held-out perplexity and generation diversity), or give SFT-format real data."
         )
     raise DataFormatError(
         f"{name} has columns {columns}: expected one of the formats {', '.join(allowed)} "
@@ -110,20 +110,22 @@ def require_format(data: Any, name: str, allowed: Sequence[str] = FORMATS) -> st
 
 def check_same_format(real: Any, synthetic: Any) -> str:
     """Real and synthetic data must be the same kind; returns it."""
-    real_format, synthetic_format = require_format(real, "real data"), require_format(synthetic, "synthetic data")
+    real_format, synthetic_format = (require_format(real, "real data"),
+                                     require_format(synthetic, "synthetic data"))
     if real_format != synthetic_format:
         fix = ("render the messages to text with tokenizer.apply_chat_template(messages, tokenize=False)"
-               if {real_format, synthetic_format} == {"text", "messages"} else "convert one side to the other's format")
+               if {real_format, synthetic_format} == {"text", "messages"}
+               else "convert one side to the other's format")
         raise DataFormatError(
-            f"real data is in '{real_format}' format but synthetic data is in '{synthetic_format}' format (real "
-            f"columns {column_names(real)}, synthetic columns {column_names(synthetic)}): {fix}."
+            f"real data is in '{real_format}' format but synthetic data is in '{synthetic_format}' format "
+            f"(real columns {column_names(real)}, synthetic columns {column_names(synthetic)}): {fix}."
         )
     return real_format
 
 
 def as_dataset(data: Any, name: str = "data"):
-    """A `datasets.Dataset` (or `IterableDataset`, passed through) from a Dataset, a list of strings (-> 'text'),
-    a list of row dicts or a dict of columns."""
+    """A `datasets.Dataset` (or `IterableDataset`, passed through) from a Dataset, a list of strings
+    (-> 'text'), a list of row dicts or a dict of columns."""
     from datasets import Dataset, IterableDataset
 
     if data is None or isinstance(data, (Dataset, IterableDataset)):
@@ -167,7 +169,8 @@ def _batch(data: Any) -> dict[str, list]:
     if isinstance(data, Mapping):
         return data  # a batch: dict of columns
     dataset = as_dataset(data)
-    return dataset[:] if hasattr(dataset, "__getitem__") else {c: [r[c] for r in dataset] for c in column_names(dataset)}
+    return dataset[:] if hasattr(dataset, "__getitem__") \
+        else {c: [r[c] for r in dataset] for c in column_names(dataset)}
 
 
 def prompts_and_responses(data: Any) -> tuple[list[str], list[str]]:
@@ -304,8 +307,8 @@ def _load_json(path: str):
         rows = [json.loads(line) for line in raw.splitlines() if line.strip()] if path.endswith(".jsonl") \
             else json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"source {path!r} is not valid JSON{' lines' if path.endswith('.jsonl') else ''}: {err}.") \
-            from None
+        raise ValueError(f"source {path!r} is not valid JSON{' lines' if path.endswith('.jsonl') else ''}: "
+                         f"{err}.") from None
     if isinstance(rows, dict):
         return Dataset.from_dict(rows)
     if not isinstance(rows, list) or not rows:

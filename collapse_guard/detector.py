@@ -12,9 +12,10 @@ generations of the fixed prompts for distinct-n, unigram entropy and self-BLEU-4
 over prompts); see `collapse_guard.stats`. A rule fires only when the whole interval lies past its
 threshold: the luck of which documents or prompts make up the fixed sets trips it in about 2.5% of the
 evaluations of a model that sits exactly at the threshold, and less often the further below it the model
-is. Every verdict states the interval it rests on. Without those items (old histories, hand-made entries) the same thresholds apply to the point
-estimates. The intervals cannot see training noise (another seed gives another model): the thresholds
-themselves, `ppl_ratio_warn` and `ppl_rise_tolerance` above all, are to be set from healthy runs.
+is. Every verdict states the interval it rests on. Without those items (old histories, hand-made entries)
+the same thresholds apply to the point estimates. The intervals cannot see training noise (another seed
+gives another model): the thresholds themselves, `ppl_ratio_warn` and `ppl_rise_tolerance` above all, are
+to be set from healthy runs.
 
 The detector is a pure function of the history it is given: it never reduces anything itself and its
 only randomness is a bootstrap generator seeded from the config, so ranks that hold the same
@@ -36,8 +37,8 @@ LEVELS = ("ok", "warn", "alarm")
 # sums are taken to belong to other documents (a wiring bug) and are not used: rounding stays far below it.
 _PPL_CONSISTENCY = 1e-3
 # Keys of each `Verdict.evidence` entry, in order.
-EVIDENCE_FIELDS = ("value", "baseline", "against", "ratio", "low", "high", "n", "confidence", "method", "level",
-                   "rule")
+EVIDENCE_FIELDS = ("value", "baseline", "against", "ratio", "low", "high", "n", "confidence", "method",
+                   "level", "rule")
 
 
 def _is_number(value: Any) -> bool:
@@ -54,7 +55,8 @@ def _is_int(value: Any) -> bool:
 
 @dataclass
 class DetectorConfig:
-    """Thresholds of the collapse rules (defaults: the thresholds of the collapse literature, see the module docstring) and of the intervals behind them.
+    """Thresholds of the collapse rules (defaults: the thresholds of the collapse literature, see the module
+    docstring) and of the intervals behind them.
 
     Ratios compare the latest history entry with the baseline (`history[0]`). A signal missing from the
     latest entry or the baseline is skipped; a non-finite value of a `nonfinite_alarm_signals` signal is an
@@ -72,7 +74,10 @@ class DetectorConfig:
     ```
     """
 
-    ppl_signal: str = field(default="heldout_ppl", metadata={"help": "History key of the held-out human perplexity."})
+    ppl_signal: str = field(
+        default="heldout_ppl",
+        metadata={"help": "History key of the held-out human perplexity."},
+    )
     ppl_ratio_warn: float = field(
         default=1.05,
         metadata={"help": "Warn when PPL_t / PPL_0 >= this: the lower bound of its interval when entries "
@@ -85,7 +90,8 @@ class DetectorConfig:
     )
     ppl_rises_warn: int = field(
         default=2,
-        metadata={"help": "Warn when held-out ppl rose this many evaluations in a row (0 disables the rule)."},
+        metadata={"help": "Warn when held-out ppl rose this many evaluations in a row (0 disables the "
+                          "rule)."},
     )
     ppl_rise_tolerance: float = field(
         default=0.01,
@@ -136,40 +142,54 @@ class DetectorConfig:
         metadata={"help": "Warn when a diversity ratio < this (the upper bound of its interval when entries "
                           "carry generations, else the point ratio)."},
     )
-    diversity_ratio_alarm: float = field(default=0.75, metadata={"help": "Alarm when a diversity ratio < this."})
+    diversity_ratio_alarm: float = field(
+        default=0.75,
+        metadata={"help": "Alarm when a diversity ratio < this."},
+    )
     self_bleu_signal: str = field(default="self_bleu4", metadata={"help": "History key of self-BLEU-4."})
     self_bleu_ratio_warn: float = field(
         default=1.10,
         metadata={"help": "Warn when the self-BLEU-4 ratio > this (the lower bound of its interval when "
                           "entries carry generations, else the point ratio)."},
     )
-    self_bleu_ratio_alarm: float = field(default=1.25, metadata={"help": "Alarm when self-BLEU-4 ratio > this."})
+    self_bleu_ratio_alarm: float = field(
+        default=1.25,
+        metadata={"help": "Alarm when self-BLEU-4 ratio > this."},
+    )
     self_bleu_min_rise: float = field(
         default=0.05,
-        metadata={"help": "The self-BLEU-4 rules also need an absolute rise of at least this (BLEU on a 0-1 scale): "
-                          "varied generations have self-BLEU near 0.05, where a ratio of 1.5 is no collapse."},
+        metadata={"help": "The self-BLEU-4 rules also need an absolute rise of at least this (BLEU on a 0-1 "
+                          "scale): varied generations have self-BLEU near 0.05, where a ratio of 1.5 is no "
+                          "collapse."},
     )
     low_ppl_signal: str = field(
         default="low_ppl_share",
         metadata={"help": "History key of the share of generations below the human 25th ppl percentile."},
     )
-    low_ppl_share_warn: float = field(default=0.40, metadata={"help": "Warn when the low-ppl share > this (human: 0.25)."})
-    low_ppl_share_alarm: float = field(default=0.60, metadata={"help": "Alarm when the low-ppl share > this."})
+    low_ppl_share_warn: float = field(
+        default=0.40,
+        metadata={"help": "Warn when the low-ppl share > this (human: 0.25)."},
+    )
+    low_ppl_share_alarm: float = field(
+        default=0.60,
+        metadata={"help": "Alarm when the low-ppl share > this."},
+    )
     nonfinite_alarm_signals: tuple[str, ...] = field(
         default=("heldout_ppl", "train_loss", "eval_loss"),
         metadata={"help": "A NaN or infinite value of any of these signals is an alarm."},
     )
     min_baseline: float = field(
         default=1e-8,
-        metadata={"help": "Ratios are skipped when the baseline value is below this (a ratio to ~0 means nothing)."},
+        metadata={"help": "Ratios are skipped when the baseline value is below this (a ratio to ~0 means "
+                          "nothing)."},
     )
 
     def __post_init__(self):
         self.diversity_signals = tuple(self.diversity_signals)
         self.nonfinite_alarm_signals = tuple(self.nonfinite_alarm_signals)
         for name in ("ppl_ratio_warn", "ppl_ratio_alarm", "self_bleu_ratio_warn", "self_bleu_ratio_alarm",
-                     "diversity_ratio_warn", "diversity_ratio_alarm", "low_ppl_share_warn", "low_ppl_share_alarm",
-                     "ppl_rise_tolerance", "min_baseline", "self_bleu_min_rise"):
+                     "diversity_ratio_warn", "diversity_ratio_alarm", "low_ppl_share_warn",
+                     "low_ppl_share_alarm", "ppl_rise_tolerance", "min_baseline", "self_bleu_min_rise"):
             value = getattr(self, name)
             if not _finite(value) or value < 0:
                 raise ValueError(f"DetectorConfig.{name} must be a finite number >= 0, got {value!r}.")
@@ -187,18 +207,21 @@ class DetectorConfig:
                 )
         if self.ppl_ratio_warn < 1.0:
             raise ValueError(
-                f"DetectorConfig.ppl_ratio_warn={self.ppl_ratio_warn} is below 1: it would warn on an unchanged "
-                "model. Use a value >= 1, e.g. 1.05."
+                f"DetectorConfig.ppl_ratio_warn={self.ppl_ratio_warn} is below 1: it would warn on an "
+                "unchanged model. Use a value >= 1, e.g. 1.05."
             )
         if not _is_int(self.ppl_rises_warn) or self.ppl_rises_warn < 0:
-            raise ValueError(f"DetectorConfig.ppl_rises_warn must be an int >= 0, got {self.ppl_rises_warn!r}.")
+            raise ValueError("DetectorConfig.ppl_rises_warn must be an int >= 0, got "
+                             f"{self.ppl_rises_warn!r}.")
         if not _finite(self.confidence) or not 0.5 <= self.confidence < 1:
-            raise ValueError(f"DetectorConfig.confidence must be in [0.5, 1), e.g. 0.95, got {self.confidence!r}")
+            raise ValueError("DetectorConfig.confidence must be in [0.5, 1), e.g. 0.95, got "
+                             f"{self.confidence!r}")
         if not _is_int(self.ppl_bootstrap_resamples) or self.ppl_bootstrap_resamples < 100:
             raise ValueError("DetectorConfig.ppl_bootstrap_resamples must be an int >= 100 (the interval's "
                              f"tails need them), got {self.ppl_bootstrap_resamples!r}.")
         if not _is_int(self.bootstrap_seed) or self.bootstrap_seed < 0:
-            raise ValueError(f"DetectorConfig.bootstrap_seed must be an int >= 0, got {self.bootstrap_seed!r}")
+            raise ValueError("DetectorConfig.bootstrap_seed must be an int >= 0, got "
+                             f"{self.bootstrap_seed!r}")
         if not _is_int(self.min_items) or self.min_items < 3:
             raise ValueError(f"DetectorConfig.min_items must be an int >= 3, got {self.min_items!r}.")
 
@@ -249,7 +272,8 @@ class Verdict:
 
 def _label(entry: Mapping[str, Any], fallback: str) -> str:
     if "round" in entry and "step" in entry:
-        return f"round {entry['round']}" if entry["step"] == 0 else f"round {entry['round']} step {entry['step']}"
+        return (f"round {entry['round']}" if entry["step"] == 0
+                else f"round {entry['round']} step {entry['step']}")
     if "round" in entry:
         return f"round {entry['round']}"
     if "step" in entry:
@@ -323,15 +347,17 @@ class CollapseDetector:
 
     ```python
     >>> from collapse_guard.detector import CollapseDetector
-    >>> verdict = CollapseDetector().check([{"round": 0, "heldout_ppl": 20.0}, {"round": 1, "heldout_ppl": 24.6}])
+    >>> verdict = CollapseDetector().check([{"round": 0, "heldout_ppl": 20.0},
+    ...                                     {"round": 1, "heldout_ppl": 24.6}])
     >>> verdict.level, verdict.reasons[0]
     ('alarm', 'held-out ppl rose 23% over round 0 (20.00 -> 24.60): alarm at 20%')
     >>> doc_nll, doc_tokens = [float(100 + i % 7) for i in range(64)], [40] * 64
     >>> history = [{"round": 0, "heldout_doc_nll": doc_nll, "heldout_doc_tokens": doc_tokens},
     ...            {"round": 3, "heldout_doc_nll": [v + 10.0 + i % 3 for i, v in enumerate(doc_nll)],
     ...             "heldout_doc_tokens": doc_tokens}]
-    >>> print(CollapseDetector().check(history).reasons[0])
-    held-out ppl rose 32% over round 0 (13.12 -> 17.26; x1.316, 95% interval x1.309-x1.322 over 64 documents): alarm at 20%
+    >>> print(CollapseDetector().check(history).reasons[0])  # doctest: +NORMALIZE_WHITESPACE
+    held-out ppl rose 32% over round 0 (13.12 -> 17.26; x1.316, 95% interval x1.309-x1.322 over 64 documents):
+    alarm at 20%
 
     ```
     """
@@ -433,7 +459,8 @@ class CollapseDetector:
             return None
         return float(value) / float(base)
 
-    def _perplexity(self, history: Sequence[Mapping[str, Any]], baseline_label: str, verdict: Verdict) -> None:
+    def _perplexity(self, history: Sequence[Mapping[str, Any]], baseline_label: str,
+                    verdict: Verdict) -> None:
         c = self.config
         latest, baseline = history[-1], history[0]
         if len(history) < 2:  # the baseline compared with itself says nothing

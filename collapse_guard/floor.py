@@ -34,15 +34,20 @@ from typing import Any
 class FloorConfig:
     """The adaptive floor's policy (see the module docstring)."""
 
-    minimum: float = field(default=0.1, metadata={"help": "The user's minimum real share; the floor never goes below."})
-    maximum: float = field(default=0.9, metadata={"help": "The floor never goes above (1.0 trains no synthetic data)."})
+    minimum: float = field(default=0.1, metadata={
+        "help": "The user's minimum real share; the floor never goes below."})
+    maximum: float = field(default=0.9, metadata={
+        "help": "The floor never goes above (1.0 trains no synthetic data)."})
     start: float | None = field(default=None, metadata={"help": "The first floor (default: minimum)."})
     step_up: float = field(default=1.5, metadata={"help": "Factor applied on a warn."})
     min_step: float = field(default=0.05, metadata={"help": "A raise is at least this much (absolute)."})
-    step_down: float = field(default=0.8, metadata={"help": "Factor applied after decay_after healthy measurements."})
-    decay_after: int = field(default=2, metadata={"help": "Healthy (ok) measurements in a row before lowering."})
+    step_down: float = field(default=0.8, metadata={
+        "help": "Factor applied after decay_after healthy measurements."})
+    decay_after: int = field(default=2, metadata={
+        "help": "Healthy (ok) measurements in a row before lowering."})
     recheck_before_stop: bool = field(default=True, metadata={
-        "help": "On an alarm, raise to maximum and re-measure once before stopping (if the guard stops at all)."})
+        "help": "On an alarm, raise to maximum and re-measure once before stopping (if the guard stops at "
+                "all)."})
 
     def __post_init__(self) -> None:
         for name in ("minimum", "maximum", "min_step"):
@@ -56,7 +61,8 @@ class FloorConfig:
         if not self.step_up > 1.0 or not 0.0 < self.step_down < 1.0:
             raise ValueError(f"FloorConfig.step_up must be > 1 and step_down in (0, 1), got {self.step_up}, "
                              f"{self.step_down}.")
-        if isinstance(self.decay_after, bool) or not isinstance(self.decay_after, int) or self.decay_after < 1:
+        if (isinstance(self.decay_after, bool) or not isinstance(self.decay_after, int)
+                or self.decay_after < 1):
             raise ValueError(f"FloorConfig.decay_after must be a positive int, got {self.decay_after!r}.")
 
 

@@ -31,8 +31,8 @@ from collapse_guard.io import atomic_write_json, read_json
 FILENAME = "collapse_history.json"
 VERSION = 2
 # Keys that describe an entry (or its verdict) rather than measure the model.
-META_KEYS = ("round", "step", "final", "level", "reasons", "evidence", "stopped", "floor_reason", "floor_healthy",
-             "cost")
+META_KEYS = ("round", "step", "final", "level", "reasons", "evidence", "stopped", "floor_reason",
+             "floor_healthy", "cost")
 # Per-item lists the detector reads; too big to log as scalars.
 LIST_KEYS = ("heldout_doc_nll", "heldout_doc_tokens", "generations")
 
@@ -43,7 +43,8 @@ def is_number(value: Any) -> bool:
 
 def scalars(entry: dict[str, Any]) -> dict[str, float]:
     """The entry's numeric signals (what loggers and plots take)."""
-    return {k: float(v) for k, v in entry.items() if k not in META_KEYS and k not in LIST_KEYS and is_number(v)}
+    return {k: float(v) for k, v in entry.items()
+            if k not in META_KEYS and k not in LIST_KEYS and is_number(v)}
 
 
 class History:
@@ -60,8 +61,8 @@ class History:
             return cls(path)
         if not isinstance(data, dict) or data.get("version") != VERSION:
             raise ValueError(
-                f"{os.fspath(path)} is not a collapse_guard history (version {VERSION}); it was written by another "
-                "version or program. Move it away, or point the guard at another file."
+                f"{os.fspath(path)} is not a collapse_guard history (version {VERSION}); it was written by "
+                "another version or program. Move it away, or point the guard at another file."
             )
         return cls(path, data.get("entries", []))
 

@@ -130,8 +130,9 @@ def load_tokenizer(directory: str | os.PathLike):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) > _vocab_size(directory):
-        raise ValueError(f"the tokenizer in {directory} has {len(tokenizer)} tokens but the model's vocabulary holds "
-                         f"{_vocab_size(directory)}: they do not belong together. Save them with the same model.")
+        raise ValueError(f"the tokenizer in {directory} has {len(tokenizer)} tokens but the model's "
+                         f"vocabulary holds {_vocab_size(directory)}: they do not belong together. Save them "
+                         "with the same model.")
     return tokenizer
 
 
@@ -139,7 +140,8 @@ def _vocab_size(directory) -> int:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(directory)
-    return int(getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", 0) or 1 << 30)
+    return int(getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", 0)
+               or 1 << 30)
 
 
 def _private_temp(target: Path) -> Path:
@@ -196,15 +198,16 @@ def _make_context(config: LoopConfig, state: RunState, run_dir: Path) -> RunCont
              for name, spec in data.extra_heldout.items()}
     history = History.load(run_dir / HISTORY_FILENAME)
     return RunContext(
-        config=config, run_dir=run_dir, state=state, tokenizer=load_tokenizer(base_dir), base_model_dir=base_dir,
-        real=real, heldout_texts=heldout_texts, eval_prompts=heldout_texts[: config.evaluation.get("n_prompts", 32)],
-        extra_heldout=extra, history=history, progress=progress,
+        config=config, run_dir=run_dir, state=state, tokenizer=load_tokenizer(base_dir),
+        base_model_dir=base_dir, real=real, heldout_texts=heldout_texts,
+        eval_prompts=heldout_texts[: config.evaluation.get("n_prompts", 32)], extra_heldout=extra,
+        history=history, progress=progress,
     )
 
 
 def save_dataset(dataset, path: Path) -> None:
-    """`atomic_save_dataset`, except that an empty dataset is recorded as a small JSON file (`datasets` writes zero
-    shards for it and then cannot load it back)."""
+    """`atomic_save_dataset`, except that an empty dataset is recorded as a small JSON file (`datasets` writes
+    zero shards for it and then cannot load it back)."""
     empty = path.with_name(path.name + ".empty.json")
     if len(dataset) == 0:
         atomic_write_json(empty, {"features": dataset.features.to_dict()})
@@ -239,7 +242,8 @@ def generate_step(ctx: RunContext, r: int):
         return _save_generated(ctx, r, ctx.real.select([]).map(lambda ex: ex), {"rows": 0, "tokens": 0})
     n = math.ceil(c.n_samples * c.pool_factor)
     ctx.progress.phase(r, f"generating {n} {c.generation.get('method', 'continuation')} samples"
-                          + (f" (a {c.pool_factor:g}x pool: selection keeps {c.n_samples})" if c.pool_factor > 1 else ""))
+                          + (f" (a {c.pool_factor:g}x pool: selection keeps {c.n_samples})"
+                             if c.pool_factor > 1 else ""))
     model = load_model(ctx.model_dir(r - 1), c.model.dtype)
     settings = c.generation_config()
     if c.generation.get("method") == "magpie":
@@ -250,7 +254,8 @@ def generate_step(ctx: RunContext, r: int):
         generator = ContinuationGenerator(model, ctx.tokenizer, settings)
         generated = generator.generate(_continuation_prompts(ctx, r, n), seed=c.seed + r, round_index=r)
     stats = dict(getattr(generator, "stats", {}) or {})
-    stats.update(rows=len(generated), tokens=_tokens(ctx.tokenizer, texts_of(generated)) if len(generated) else 0)
+    stats.update(rows=len(generated),
+                 tokens=_tokens(ctx.tokenizer, texts_of(generated)) if len(generated) else 0)
     return _save_generated(ctx, r, generated, stats)
 
 
@@ -293,13 +298,15 @@ def build_selection(ctx: RunContext):
 
 
 def select_step(ctx: RunContext, r: int, generated):
-    """Keeps the best `n_samples` of the pool (rank 0; kept rows to round_r/selected, counts to selection.json)."""
+    """Keeps the best `n_samples` of the pool (rank 0; kept rows to round_r/selected, counts to
+    selection.json)."""
     from collapse_guard.data import texts_of
 
     c = ctx.config
     path = ctx.round_dir(r) / "selected"
     if is_main():
-        report: dict[str, Any] = {"generated": len(generated), "wanted": c.n_samples, "pool_factor": c.pool_factor}
+        report: dict[str, Any] = {"generated": len(generated), "wanted": c.n_samples,
+                                  "pool_factor": c.pool_factor}
         selected = generated
         if c.selectors and len(generated):
             ctx.progress.phase(r, f"selecting from {len(generated)} samples ({len(c.selectors)} selectors)")
@@ -311,9 +318,9 @@ def select_step(ctx: RunContext, r: int, generated):
         report.update(selected=len(selected), kept_share=len(selected) / max(len(generated), 1),
                       tokens=_tokens(ctx.tokenizer, texts_of(selected)) if len(selected) else 0)
         if len(selected) < c.n_samples and c.mixing.min_real_fraction < 1.0:
-            logger.warning("%s | round %d: selection kept %d of %d samples, fewer than the %d a round trains on; "
-                           "the round trains on fewer synthetic rows (see the report).", c.name, r, len(selected),
-                           len(generated), c.n_samples)
+            logger.warning("%s | round %d: selection kept %d of %d samples, fewer than the %d a round trains "
+                           "on; the round trains on fewer synthetic rows (see the report).", c.name, r,
+                           len(selected), len(generated), c.n_samples)
         save_dataset(selected, path)
         atomic_write_json(ctx.round_dir(r) / "selection.json", report)
     barrier()
@@ -338,12 +345,14 @@ def mix_step(ctx: RunContext, r: int, selected):
     if is_main():
         columns = [col for col in ctx.real.column_names if col in selected.column_names] + ["provenance"]
         if len(selected) == 0 and m.mode != "accumulate" and m.min_real_fraction <= 0:
-            raise RuntimeError(f"round {r}: selection kept no synthetic sample and mixing.min_real_fraction=0 allows "
-                               "no real data: nothing to train on. Loosen the selectors or set a real floor.")
+            raise RuntimeError(f"round {r}: selection kept no synthetic sample and "
+                               "mixing.min_real_fraction=0 allows no real data: nothing to train on. Loosen "
+                               "the selectors or set a real floor.")
         mixed = mix_datasets(ctx.real, selected.select_columns([col for col in columns if col in
                                                                 selected.column_names]) if len(selected) else
                              selected, mode=m.mode, min_real_fraction=m.min_real_fraction, seed=c.seed + r,
-                             round_index=r, previous=_previous_synthetic(ctx, r) if m.mode == "accumulate" else None,
+                             round_index=r,
+                             previous=_previous_synthetic(ctx, r) if m.mode == "accumulate" else None,
                              allow_low_real_fraction=m.allow_low_real_fraction)
         if m.rows_per_round:
             mixed = _to_budget(mixed, m.rows_per_round, m.min_real_fraction, c.seed + r)
@@ -359,8 +368,9 @@ def _describe_mix(dataset) -> str:
 
 
 def _to_budget(mixed, rows: int, fraction: float, seed: int):
-    """Exactly `rows` rows: a uniform sample of the round's data (so accumulate keeps its real share), then real
-    rows swapped in for synthetic ones until at least `fraction` are real (real rows repeat only if too few)."""
+    """Exactly `rows` rows: a uniform sample of the round's data (so accumulate keeps its real share), then
+    real rows swapped in for synthetic ones until at least `fraction` are real (real rows repeat only if too
+    few)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -401,8 +411,8 @@ def _last_checkpoint(output_dir: Path) -> str | None:
 
     if not output_dir.is_dir():
         return None
-    candidates = sorted(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]),
-                        reverse=True)
+    candidates = sorted(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
+                        key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
     for checkpoint in candidates:
         if (checkpoint / "trainer_state.json").exists() and \
                 (checkpoint / "collapse_guard" / "mixing_collator_rank0.json").exists():
@@ -460,7 +470,8 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
     for i, spec in enumerate(c.callbacks):
         trainer.add_callback(build_component(spec, key=f"callbacks[{i}]"))
     checkpoint = _last_checkpoint(output_dir)
-    ctx.progress.phase(r, f"training on {len(train_dataset)} rows ({trainer.args.num_train_epochs:g} epoch(s))"
+    ctx.progress.phase(r, f"training on {len(train_dataset)} rows "
+                          f"({trainer.args.num_train_epochs:g} epoch(s))"
                           + (f", resuming from {os.path.basename(checkpoint)}" if checkpoint else ""))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     _save_trained_model(ctx, r, trainer, init_dir)
@@ -473,9 +484,11 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
         "stopped_by_guard_at": guard.stopped_at if guard is not None else None,
         "resumed_from": os.path.basename(checkpoint) if checkpoint else None,
         "real_fraction": collator.real_fraction, "synthetic_rows_trained": int(counts["synthetic_served"]),
-        "synthetic_tokens_trained": int(counts["synthetic_tokens"]), "real_tokens_trained": int(counts["real_tokens"]),
+        "synthetic_tokens_trained": int(counts["synthetic_tokens"]),
+        "real_tokens_trained": int(counts["real_tokens"]),
         "synthetic_rows_untrained": len(collator.synthetic_buffer), "real_top_up": int(counts["real_top_up"]),
-        "floor": collator.min_real_fraction, "guard_cost_share": guard.cost_share() if guard is not None else None,
+        "floor": collator.min_real_fraction,
+        "guard_cost_share": guard.cost_share() if guard is not None else None,
         "unit": m.unit, "epochs": float(trainer.args.num_train_epochs),
     }
     if is_main():
@@ -493,8 +506,8 @@ def _final_step(ctx: RunContext, r: int) -> int:
 def _strip_verdict(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     if entry is None:
         return None
-    return {k: v for k, v in entry.items() if k not in ("level", "reasons", "evidence", "stopped", "final", "floor",
-                                                          "floor_reason", "floor_healthy")
+    return {k: v for k, v in entry.items() if k not in ("level", "reasons", "evidence", "stopped", "final",
+                                                          "floor", "floor_reason", "floor_healthy")
             and not k.startswith("mixing/") and not k.endswith("_ratio")}
 
 
@@ -561,24 +574,27 @@ def evaluate_step(ctx: RunContext, r: int) -> dict[str, Any]:
         e = c.probe_config()
         human = ctx.cache.get("human_ref_ppl")
         if human is None:
-            human = ctx.cache["human_ref_ppl"] = document_perplexities(reference, ctx.tokenizer, ctx.heldout_texts,
-                                                                        e.context_length, e.max_batch_tokens)
-        scored = document_perplexities(reference, ctx.tokenizer, [g if g.strip() else " " for g in entry["generations"]],
+            human = ctx.cache["human_ref_ppl"] = document_perplexities(
+                reference, ctx.tokenizer, ctx.heldout_texts, e.context_length, e.max_batch_tokens)
+        scored = document_perplexities(reference, ctx.tokenizer,
+                                       [g if g.strip() else " " for g in entry["generations"]],
                                        e.context_length, e.max_batch_tokens)
         entry.update(perplexity_concentration(scored, human))
         extra["human_reference_ppl"] = human
         finite = sorted(p for p in human if math.isfinite(p))
-        extra["human_low_ppl_cut"] = finite[len(finite) // 4] if finite else None  # the low-ppl rule's 25th pct
+        # the low-ppl rule's 25th pct
+        extra["human_low_ppl_cut"] = finite[len(finite) // 4] if finite else None
         if r > 0:
             generated = load_dataset_dir(ctx.round_dir(r) / "generated")
             from collapse_guard.data import texts_of
 
             extra["generated_ppl"] = document_perplexities(reference, ctx.tokenizer, texts_of(generated),
-                                                           e.context_length, e.max_batch_tokens) if len(generated) else []
+                                                           e.context_length, e.max_batch_tokens) \
+                if len(generated) else []
     if is_main():
-        atomic_write_json(ctx.round_dir(r) / "eval.json", {"metrics": {k: v for k, v in entry.items()
-                                                                         if k not in ("generations",)}, **extra,
-                                                             "generations": entry.get("generations", [])})
+        atomic_write_json(ctx.round_dir(r) / "eval.json",
+                          {"metrics": {k: v for k, v in entry.items() if k not in ("generations",)}, **extra,
+                           "generations": entry.get("generations", [])})
     barrier()
     return entry
 
@@ -590,7 +606,8 @@ def detect_step(ctx: RunContext, r: int, entry: dict[str, Any]):
     ctx.history.add(entry)
     finals = [e for e in ctx.history.finals() if e["round"] <= r]
     verdict = CollapseDetector(ctx.config.detector_config()).check(finals)
-    entry.update(level=verdict.level, reasons=list(verdict.reasons), evidence=verdict.to_dict().get("evidence", {}))
+    entry.update(level=verdict.level, reasons=list(verdict.reasons),
+                 evidence=verdict.to_dict().get("evidence", {}))
     entry.update({k: v for k, v in verdict.signals.items() if k.endswith("_ratio")})
     if is_main():
         atomic_write_json(ctx.round_dir(r) / "verdict.json", verdict.to_dict())
@@ -618,7 +635,8 @@ def artifacts_step(ctx: RunContext, r: int) -> None:
 
 # ----- the loop ------------------------------------------------------------------------------------
 def _step(ctx: RunContext, r: int, step: str, run, load=None):
-    """Runs a step (on every rank; it decides what rank 0 alone does) unless run_state.json says it finished."""
+    """Runs a step (on every rank; it decides what rank 0 alone does) unless run_state.json says it
+    finished."""
     if ctx.state.is_done(r, step) and load is not None:
         return load()
     started = time.perf_counter()
@@ -680,7 +698,8 @@ def run_rounds(config: LoopConfig, restart: bool = False) -> dict[str, Any]:
     try:
         if state.finished:
             if is_main():
-                logger.info("%s: %s already holds this finished run; showing its results.", config.name, run_dir)
+                logger.info("%s: %s already holds this finished run; showing its results.",
+                            config.name, run_dir)
             return _summary(run_dir, state)
         if state.started and is_main():
             logger.info("%s: continuing the run in %s.", config.name, run_dir)

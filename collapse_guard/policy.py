@@ -1,4 +1,5 @@
-"""The guard inside on-policy RL (TRL's GRPOTrainer and its kin): the diversity of the policy's own completions.
+"""The guard inside on-policy RL (TRL's GRPOTrainer and its kin): the diversity of the policy's own
+completions.
 
 On-policy RL collapses differently from SFT on synthetic data: reward rises while the policy's entropy
 and the variety of its completions fall ("entropy collapse"), most visibly when a reward can be hacked

@@ -33,7 +33,8 @@ from typing import Any
 class ProbeConfig:
     """Settings of the measurement, fixed for a run so its numbers compare across steps and rounds."""
 
-    context_length: int = field(default=512, metadata={"help": "Held-out perplexity context (tokens per window)."})
+    context_length: int = field(default=512, metadata={
+        "help": "Held-out perplexity context (tokens per window)."})
     stride: int | None = field(default=None, metadata={
         "help": "Sliding-window stride (None: non-overlapping blocks)."})
     max_batch_tokens: int = field(default=16384, metadata={"help": "Padded tokens per forward pass."})
@@ -41,30 +42,37 @@ class ProbeConfig:
         "help": "Each prompt is cut to its first N tokens (the model continues it); None keeps it whole."})
     max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per prompt."})
     temperature: float = field(default=1.0, metadata={
-        "help": "Sampling temperature of the fixed-prompt generations (0 = greedy). Sampling, seeded, keeps the "
-                "tails visible; greedy text sits in the low-perplexity band by construction."})
+        "help": "Sampling temperature of the fixed-prompt generations (0 = greedy). Sampling, seeded, keeps "
+                "the tails visible; greedy text sits in the low-perplexity band by construction."})
     seed: int = field(default=0, metadata={"help": "Seeds the generations (the same every measurement)."})
     batch_size: int = field(default=32, metadata={"help": "Prompts per generate() call."})
     chat_template: bool = field(default=False, metadata={
         "help": "Render each prompt as a user turn with the tokenizer's chat template."})
     embedding_model: str | None = field(default=None, metadata={
-        "help": "Sentence-embedding model for embedding diversity ('all-MiniLM-L6-v2' or a folder); expensive."})
+        "help": "Sentence-embedding model for embedding diversity ('all-MiniLM-L6-v2' or a folder); "
+                "expensive."})
     autocast: bool = field(default=True, metadata={
-        "help": "On a CUDA GPU, measure under bfloat16 autocast (about half the cost; perplexity then differs from "
-                "fp32 by ~1e-3, the same for every measurement of a run). Ignored on CPU."})
+        "help": "On a CUDA GPU, measure under bfloat16 autocast (about half the cost; perplexity then "
+                "differs from fp32 by ~1e-3, the same for every measurement of a run). Ignored on CPU."})
 
     def __post_init__(self) -> None:
         for name in ("context_length", "max_batch_tokens", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "context_length" else 1):
-                raise ValueError(f"ProbeConfig.{name} must be a positive int (context_length >= 2), got {value!r}.")
-        if self.stride is not None and not (isinstance(self.stride, int) and 1 <= self.stride <= self.context_length):
-            raise ValueError(f"ProbeConfig.stride must be None or an int in [1, context_length], got {self.stride!r}.")
+            if (isinstance(value, bool) or not isinstance(value, int)
+                    or value < (2 if name == "context_length" else 1)):
+                raise ValueError(f"ProbeConfig.{name} must be a positive int (context_length >= 2), got "
+                                 f"{value!r}.")
+        if self.stride is not None and not (isinstance(self.stride, int)
+                                            and 1 <= self.stride <= self.context_length):
+            raise ValueError("ProbeConfig.stride must be None or an int in [1, context_length], got "
+                             f"{self.stride!r}.")
         if self.max_batch_tokens < self.context_length:
-            raise ValueError(f"ProbeConfig.max_batch_tokens={self.max_batch_tokens} must be >= context_length="
-                             f"{self.context_length} (one window).")
-        if self.prompt_tokens is not None and (not isinstance(self.prompt_tokens, int) or self.prompt_tokens < 1):
-            raise ValueError(f"ProbeConfig.prompt_tokens must be None or a positive int, got {self.prompt_tokens!r}.")
+            raise ValueError(f"ProbeConfig.max_batch_tokens={self.max_batch_tokens} must be >= "
+                             f"context_length={self.context_length} (one window).")
+        if self.prompt_tokens is not None and (not isinstance(self.prompt_tokens, int)
+                                               or self.prompt_tokens < 1):
+            raise ValueError("ProbeConfig.prompt_tokens must be None or a positive int, got "
+                             f"{self.prompt_tokens!r}.")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
             raise ValueError(f"ProbeConfig.temperature must be >= 0 (0 = greedy), got {self.temperature!r}.")
 
@@ -112,8 +120,8 @@ class Probe:
         if not isinstance(self.config, ProbeConfig):
             raise TypeError(f"config must be a ProbeConfig, got {type(self.config).__name__}.")
         if reference_model is not None and self.config.temperature == 0:
-            raise ValueError("the low-perplexity concentration signal needs sampled generations (temperature > 0): "
-                             "greedy text sits below the human 25th percentile by construction.")
+            raise ValueError("the low-perplexity concentration signal needs sampled generations (temperature "
+                             "> 0): greedy text sits below the human 25th percentile by construction.")
         self.tokenizer = tokenizer
         self.reference_model = reference_model
         self._evaluator = None
@@ -126,8 +134,8 @@ class Probe:
             from collapse_guard.metrics.perplexity import HeldoutPerplexity
 
             c = self.config
-            self._evaluator = HeldoutPerplexity(self.heldout_texts, self.tokenizer, c.context_length, c.stride,
-                                                c.max_batch_tokens)
+            self._evaluator = HeldoutPerplexity(self.heldout_texts, self.tokenizer, c.context_length,
+                                                c.stride, c.max_batch_tokens)
         return self._evaluator
 
     def prompt_ids(self) -> list[list[int]]:
@@ -166,7 +174,8 @@ class Probe:
         c = self.config
         if self._human_reference_ppl is None:
             self._human_reference_ppl = document_perplexities(self.reference_model, self.tokenizer,
-                                                              self.heldout_texts, c.context_length, c.max_batch_tokens)
+                                                              self.heldout_texts, c.context_length,
+                                                              c.max_batch_tokens)
         scored = document_perplexities(self.reference_model, self.tokenizer, [g if g.strip() else " "
                                        for g in generations], c.context_length, c.max_batch_tokens)
         return perplexity_concentration(scored, self._human_reference_ppl)
@@ -207,7 +216,9 @@ class Probe:
                                                  embedding_model=self.config.embedding_model))
                 if self.reference_model is not None:
                     signals.update(self._concentration(texts))
-                forward_tokens += sum(len(p) for p in self.prompt_ids()) + len(texts) * self.config.max_new_tokens
+                forward_tokens += (sum(len(p) for p in self.prompt_ids())
+                                   + len(texts) * self.config.max_new_tokens)
                 split["signals_seconds"] = time.perf_counter() - start - sum(split.values())
-        signals["cost"] = {"seconds": time.perf_counter() - start, "forward_tokens": int(forward_tokens), **split}
+        signals["cost"] = {"seconds": time.perf_counter() - start, "forward_tokens": int(forward_tokens),
+                           **split}
         return signals

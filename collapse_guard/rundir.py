@@ -47,12 +47,13 @@ class RunLock:
             holder = self._fh.read().strip() or "another process"
             self._fh.close()
             self._fh = None
-            raise RunFolderError(f"output_dir {str(self.folder)!r} is in use by {holder}. Wait for that run to finish, "
-                                 "or give another output_dir.") from None
+            raise RunFolderError(f"output_dir {str(self.folder)!r} is in use by {holder}. Wait for that run "
+                                 "to finish, or give another output_dir.") from None
         self._fh.seek(0)
         self._fh.truncate()
         started = datetime.datetime.now().isoformat(timespec="seconds")
-        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} ({' '.join(sys.argv)[:200]})")
+        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {started} "
+                       f"({' '.join(sys.argv)[:200]})")
         self._fh.flush()
         return self
 
@@ -99,7 +100,8 @@ class RunState:
         from collapse_guard import __version__
 
         atomic_write_json(self.path, {"config": self.config, "done": self.done, "stopped": self.stopped,
-                                      "finished": self.finished, "timings": self.timings, "version": __version__})
+                                      "finished": self.finished, "timings": self.timings,
+                                      "version": __version__})
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -120,16 +122,18 @@ def claim(folder: Path, config: dict[str, Any], restart: bool = False) -> RunSta
     ours = state.path.exists()
     others = [c for c in folder.iterdir() if c.name != LOCK_NAME]
     if not ours and others:
-        raise RunFolderError(f"output_dir {str(folder)!r} holds files but no run_state.json: it is not a collapse_guard "
-                             "run folder, and nothing in it is overwritten. Give an empty or a new folder.")
+        raise RunFolderError(f"output_dir {str(folder)!r} holds files but no run_state.json: it is not a "
+                             "collapse_guard run folder, and nothing in it is overwritten. Give an empty or "
+                             "a new folder.")
     changed = ours and state.config != config
     if ours and changed and state.started and not restart:
         changes = _differences(state.config or {}, config)
         raise RunFolderError(
             f"output_dir {str(folder)!r} holds a run of another recipe ({'; '.join(changes[:4])}"
-            f"{'; ...' if len(changes) > 4 else ''}). Re-run the same recipe and overrides to continue it, give "
-            "another output_dir, or pass --restart to discard it.")
-    if ours and (restart or changed):  # discarded on request, or it never finished a step: nothing worth keeping
+            f"{'; ...' if len(changes) > 4 else ''}). Re-run the same recipe and overrides to continue it, "
+            "give another output_dir, or pass --restart to discard it.")
+    # discarded on request, or it never finished a step: nothing worth keeping
+    if ours and (restart or changed):
         for child in others:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
         state = RunState(folder / "run_state.json")

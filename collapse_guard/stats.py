@@ -113,8 +113,9 @@ def ppl_ratio_interval(
     # A skewed bootstrap distribution can leave the point just outside the percentile interval; a rule on a
     # bound must never be stricter than the same rule on the point, so the interval always holds it.
     low, high = min(float(low), point), max(float(high), point)
-    return RatioInterval(math.exp(base_mean), math.exp(new_mean), math.exp(point), math.exp(low), math.exp(high),
-                         n, confidence, f"paired bootstrap over documents ({resamples} resamples)")
+    return RatioInterval(math.exp(base_mean), math.exp(new_mean), math.exp(point), math.exp(low),
+                         math.exp(high), n, confidence,
+                         f"paired bootstrap over documents ({resamples} resamples)")
 
 
 def diversity_ratio_intervals(
@@ -252,7 +253,8 @@ def _jackknife_values(texts: Sequence[str], signals: Sequence[str]) -> dict[str,
         counts = _shared_columns(text, typ, count, n_types, n)
         pooled = np.vstack([counts.sum(0), counts.sum(0) - counts])  # shared unigram counts of each replicate
         total = _with_leave_one_out(np.bincount(text, weights=count, minlength=n))
-        clogc = (pooled * np.log2(np.where(pooled > 0, pooled, 1.0))).sum(1) + _with_leave_one_out(clogc_single)
+        clogc = (pooled * np.log2(np.where(pooled > 0, pooled, 1.0))).sum(1) \
+            + _with_leave_one_out(clogc_single)
         with np.errstate(divide="ignore", invalid="ignore"):
             entropy = np.log2(total) - clogc / total  # = -sum p log2 p with p = c / total
         out["unigram_entropy"] = np.where(total > 0, np.maximum(entropy, 0.0), 0.0)

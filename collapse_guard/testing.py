@@ -26,8 +26,8 @@ from pathlib import Path
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -49,12 +49,15 @@ def human_like_sentences(n: int, seed: int = 0) -> list[str]:
     """Varied, grammatical sentences standing in for human text (rich vocabulary, many n-grams)."""
     rng = random.Random(seed)
     return [
-        f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TAILS)}."
+        f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} "
+        f"{rng.choice(_TAILS)}."
         for _ in range(n)
     ]
 
 
-def degenerate_sentences(n: int, sentence: str = "The the the model model said said the same thing.") -> list[str]:
+def degenerate_sentences(
+    n: int, sentence: str = "The the the model model said said the same thing."
+) -> list[str]:
     """The collapsed end state: one repeated sentence."""
     return [sentence] * n
 
@@ -169,6 +172,7 @@ def tiny_chat_datasets(n_real: int = 32, n_synthetic: int = 32, seed: int = 0):
         {"messages": [conv(real_texts[2 * i], real_texts[2 * i + 1]) for i in range(n_real)]}
     )
     synthetic = Dataset.from_dict(
-        {"messages": [conv(f"Say thing {i % 5}.", "The model said the same thing.") for i in range(n_synthetic)]}
+        {"messages": [conv(f"Say thing {i % 5}.", "The model said the same thing.")
+                      for i in range(n_synthetic)]}
     )
     return real, synthetic

@@ -1,4 +1,5 @@
-"""TRL's GRPO quickstart + the guard: the diversity of the policy's own completions, and a stop when it collapses.
+"""TRL's GRPO quickstart + the guard: the diversity of the policy's own completions, and a stop when it \
+collapses.
 
     python examples/grpo_guard.py                     # the offline tiny model, a minute on a CPU
     python examples/grpo_guard.py --reward noise      # the control: nothing to hack, no flag
@@ -38,16 +39,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     tokenizer = tiny_tokenizer()
-    prompts = Dataset.from_dict({"prompt": [" ".join(s.split()[:3]) for s in human_like_sentences(64, seed=3)]})
+    prompts = Dataset.from_dict({"prompt": [" ".join(s.split()[:3])
+                                            for s in human_like_sentences(64, seed=3)]})
     config = GRPOConfig(output_dir=args.output_dir, per_device_train_batch_size=16, num_generations=8,
                         max_completion_length=12, learning_rate=1.5e-2, lr_scheduler_type="constant",
                         max_steps=args.max_steps, logging_steps=1, report_to=[], beta=0.0, save_strategy="no",
                         use_cpu=not torch.cuda.is_available(), bf16=False)
-    trainer = GRPOTrainer(model=tiny_causal_lm(tokenizer), reward_funcs={"letter_e": letter_e, "noise": noise}[
-        args.reward], args=config, train_dataset=prompts, processing_class=tokenizer)
+    trainer = GRPOTrainer(model=tiny_causal_lm(tokenizer),
+                          reward_funcs={"letter_e": letter_e, "noise": noise}[args.reward], args=config,
+                          train_dataset=prompts, processing_class=tokenizer)
     guard = CollapseGuardCallback(human_like_sentences(16, seed=99)).attach(trainer)
     trainer.train()
-    print(f"trained {trainer.state.global_step} of {args.max_steps} steps; policy verdict: {guard.policy_verdict}")
+    print(f"trained {trainer.state.global_step} of {args.max_steps} steps; "
+          f"policy verdict: {guard.policy_verdict}")
     return trainer, guard
 
 

@@ -33,8 +33,8 @@ from collapse_guard.testing import degenerate_sentences
 def trainable_smollm2():
     model, tokenizer = load_smollm2()
     if getattr(model, "is_quantized", False):
-        # The cached copy's config can still carry the GGUF `quantization_config` although its weights are plain
-        # fp32, and Trainer refuses to fine-tune "quantized" models: rebuild it without that entry.
+        # The cached copy's config can still carry the GGUF `quantization_config` although its weights are
+        # plain fp32, and Trainer refuses to fine-tune "quantized" models: rebuild it without that entry.
         config = model.config
         del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -56,9 +56,10 @@ def run(name: str, train_texts: list[str], learning_rate: float, args: argparse.
     )
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
-            out, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size, learning_rate=learning_rate,
-            lr_scheduler_type="constant", max_length=args.max_length, use_cpu=True, bf16=False, report_to=[],
-            logging_steps=args.eval_steps, save_strategy="no", disable_tqdm=True, seed=0,
+            out, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
+            learning_rate=learning_rate, lr_scheduler_type="constant", max_length=args.max_length,
+            use_cpu=True, bf16=False, report_to=[], logging_steps=args.eval_steps, save_strategy="no",
+            disable_tqdm=True, seed=0,
         )
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": train_texts}),
                              processing_class=tokenizer)
@@ -66,15 +67,16 @@ def run(name: str, train_texts: list[str], learning_rate: float, args: argparse.
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-    return {"name": name, "lr": learning_rate, "guard": guard, "steps": trainer.state.global_step, "seconds": seconds}
+    return {"name": name, "lr": learning_rate, "guard": guard, "steps": trainer.state.global_step,
+            "seconds": seconds}
 
 
 def summarize(result: dict, max_steps: int) -> None:
     guard = result["guard"]
     print(f"\n=== run {result['name']} (lr {result['lr']:g}): {result['steps']}/{max_steps} steps "
           f"in {result['seconds']:.0f} s ===")
-    print(f"{'step':>5} {'heldout_ppl':>11} {'ratio':>6} {'distinct_2':>10} {'entropy':>7} {'self_bleu4':>10} "
-          f"{'train_loss':>10}  verdict")
+    print(f"{'step':>5} {'heldout_ppl':>11} {'ratio':>6} {'distinct_2':>10} {'entropy':>7} "
+          f"{'self_bleu4':>10} {'train_loss':>10}  verdict")
     for e in guard.history:
         loss = e.get("train_loss")
         print(f"{e['step']:>5} {e['heldout_ppl']:>11.2f} {e.get('heldout_ppl_ratio', 1.0):>6.2f} "
@@ -82,7 +84,8 @@ def summarize(result: dict, max_steps: int) -> None:
               f"{e.get('self_bleu4', float('nan')):>10.3f} {loss if loss is None else round(loss, 3)!s:>10}  "
               f"{e['level']}")
     verdict = guard.last_verdict
-    stop = f"stopped by the guard at step {guard.stopped_at}" if guard.stopped_at is not None else "not stopped"
+    stop = f"stopped by the guard at step {guard.stopped_at}" if guard.stopped_at is not None \
+        else "not stopped"
     print(f"final verdict: {verdict.level} ({stop})")
     for reason in verdict.reasons:
         print(f"  - {reason}")
@@ -90,7 +93,8 @@ def summarize(result: dict, max_steps: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", choices=["both", "degenerate", "human"], default="both")
     parser.add_argument("--max-steps", type=int, default=9)
     parser.add_argument("--eval-steps", type=int, default=3)

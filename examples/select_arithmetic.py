@@ -42,11 +42,13 @@ def make_questions(n: int, seed: int) -> list[tuple[str, int]]:
 
 
 @torch.inference_mode()
-def sample_answers(model, tokenizer, questions: list[str], samples: int, max_new_tokens: int, seed: int) -> list[str]:
+def sample_answers(model, tokenizer, questions: list[str], samples: int, max_new_tokens: int,
+                   seed: int) -> list[str]:
     """`samples` completions per question, sampled in one batched, left-padded `generate` call."""
     tokenizer.padding_side = "left"  # decoder-only generation: new tokens follow the prompt directly
     prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      tokenize=False)
         for q in questions
     ]
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -89,12 +91,14 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     model.eval()
     questions = make_questions(args.questions, args.seed)
-    completions = sample_answers(model, tokenizer, [q for q, _ in questions], args.samples, args.max_new_tokens, args.seed)
+    completions = sample_answers(model, tokenizer, [q for q, _ in questions], args.samples,
+                                 args.max_new_tokens, args.seed)
     # generate() returns the samples of each question next to each other
     rows = [(q, truth, c) for i, (q, truth) in enumerate(questions)
             for c in completions[i * args.samples : (i + 1) * args.samples]]
     data = Dataset.from_dict({
-        "messages": [[{"role": "user", "content": q}, {"role": "assistant", "content": c}] for q, _, c in rows],
+        "messages": [[{"role": "user", "content": q}, {"role": "assistant", "content": c}]
+                     for q, _, c in rows],
         "question": [q for q, _, _ in rows],
         "answer": [str(t) for _, t, _ in rows],
     })
@@ -120,8 +124,10 @@ def main() -> None:
 
     print(f"{len(data)} samples ({args.questions} questions x {args.samples}) from SmolLM2-135M-Instruct\n")
     for i in range(min(4, len(data))):
-        print(f"  {data[i]['question']!r} -> {data[i]['messages'][-1]['content']!r}  correct={data[i]['correct']}")
-    print(f"\n{'verifier':<20}{'kept':>8}{'correct before':>16}{'correct kept':>14}{'phi':>7}{'psi':>7}{'p*':>7}{'p':>7}")
+        print(f"  {data[i]['question']!r} -> {data[i]['messages'][-1]['content']!r}  "
+              f"correct={data[i]['correct']}")
+    print(f"\n{'verifier':<20}{'kept':>8}{'correct before':>16}{'correct kept':>14}"
+          f"{'phi':>7}{'psi':>7}{'p*':>7}{'p':>7}")
     for name, r in results.items():
         print(f"{name:<20}{r['kept']:>5}/{r['input']:<3}{r['correct_share_before']:>15.1%}"
               f"{r['correct_share_kept']:>14.1%}{r['phi']:>7.2f}{r['psi']:>7.2f}{r['breakdown_point']:>7.2f}"

@@ -1,4 +1,5 @@
-"""sft_guard.py + an adaptive floor: the guard raises the real-data share when it sees drift, and lowers it back.
+"""sft_guard.py + an adaptive floor: the guard raises the real-data share when it sees drift, and lowers it \
+back.
 
     python examples/sft_adaptive_floor.py             # the offline tiny model, seconds on a CPU
     python examples/sft_adaptive_floor.py --model path/to/model --max-steps 200

@@ -1,4 +1,5 @@
-"""sft_plain.py + the guard: a real-data floor in every optimizer step and held-out perplexity watching for collapse.
+"""sft_plain.py + the guard: a real-data floor in every optimizer step and held-out perplexity watching \
+for collapse.
 
     python examples/sft_guard.py                      # the offline tiny model, seconds on a CPU
     python examples/sft_guard.py --model path/to/model --max-steps 200

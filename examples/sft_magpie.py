@@ -37,11 +37,12 @@ def main(argv=None):
 
     model, tokenizer = load(args.model)
     real = tiny_chat_datasets(n_real=64)[0]
-    magpie = MagpieConfig(instruction_max_new_tokens=24, response_max_new_tokens=48, clean=args.model is not None)
+    magpie = MagpieConfig(instruction_max_new_tokens=24, response_max_new_tokens=48,
+                          clean=args.model is not None)
     generator = MagpieGenerator(model, tokenizer, magpie)
     synthetic = generator.generate(32, seed=0).select_columns(["messages"])
-    print(f"magpie: {len(synthetic)} conversations kept of {generator.stats.get('attempted', '?')} attempted; "
-          f"dropped: {generator.stats.get('dropped', {})}")
+    print(f"magpie: {len(synthetic)} conversations kept of {generator.stats.get('attempted', '?')} "
+          f"attempted; dropped: {generator.stats.get('dropped', {})}")
     heldout = human_like_sentences(16, seed=123)
     train = concatenate_datasets([real, synthetic]).shuffle(seed=0)
     config = SFTConfig(output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=8,

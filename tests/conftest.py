@@ -9,7 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
-# Tiny models are dominated by per-op overhead: one intra-op thread is faster, and far faster on a busy machine.
+# Tiny models are dominated by per-op overhead: one intra-op thread is faster, and far faster on a busy
+# machine.
 torch.set_num_threads(1)
 
 

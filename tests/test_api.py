@@ -1,5 +1,5 @@
-"""The public API, used the way the README shows it: the package's own generators' outputs mix, select and train
-with every other part, without adapters, for every data format they produce."""
+"""The public API, used the way the README shows it: the package's own generators' outputs mix, select and
+train with every other part, without adapters, for every data format they produce."""
 
 import pytest
 from datasets import Dataset

@@ -29,7 +29,8 @@ PROMPTS = ["The river", "A farmer", "The council", "My neighbour", "The storm", 
 
 @pytest.fixture(scope="module")
 def pretrained(tokenizer):
-    """A tiny LM that already speaks the human-like language (a sane baseline, like a real pretrained model)."""
+    """A tiny LM that already speaks the human-like language (a sane baseline, like a real pretrained
+    model)."""
     model = tiny_causal_lm(tokenizer)
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -51,7 +52,8 @@ def model(tokenizer, pretrained):
 
 
 def tokenized(tokenizer, texts):
-    return Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
+    return Dataset.from_dict({"text": texts}).map(lambda b: tokenizer(b["text"]), batched=True,
+                                                  remove_columns=["text"])
 
 
 class Recorder(TrainerCallback):
@@ -73,9 +75,9 @@ def guard_for(eval_steps=5, prompts=None, max_new_tokens=8, budget=None, **confi
 
 def make_trainer(model, tokenizer, texts, out, lr=1e-3, max_steps=20, callbacks=(), eval_texts=None, **extra):
     args = TrainingArguments(
-        str(out), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=lr, lr_scheduler_type="constant",
-        use_cpu=True, report_to=[], **{"logging_steps": 5, "save_strategy": "no", **extra},
-        disable_tqdm=True, seed=0,
+        str(out), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=lr,
+        lr_scheduler_type="constant", use_cpu=True, report_to=[],
+        **{"logging_steps": 5, "save_strategy": "no", **extra}, disable_tqdm=True, seed=0,
     )
     return Trainer(
         model=model, args=args, train_dataset=tokenized(tokenizer, texts),
@@ -96,7 +98,8 @@ def test_degenerate_data_alarms_and_stops(model, tokenizer, tmp_path):
 
     assert trainer.state.global_step < 40 and guard.stopped_at == trainer.state.global_step <= 15
     assert guard.last_verdict.level == "alarm"
-    assert any(r.startswith("held-out ppl rose") and r.endswith("alarm at 20%") for r in guard.last_verdict.reasons)
+    assert any(r.startswith("held-out ppl rose") and r.endswith("alarm at 20%")
+               for r in guard.last_verdict.reasons)
     entries = guard.history.entries
     assert entries[0]["step"] == 0 and entries[-1]["heldout_ppl"] > 1.2 * entries[0]["heldout_ppl"]
     assert {"distinct_2", "self_bleu4", "tail_coverage", "generations"} <= set(entries[-1])
@@ -113,7 +116,8 @@ def test_degenerate_data_alarms_and_stops(model, tokenizer, tmp_path):
 
 def test_human_data_at_sane_lr_does_not_alarm(model, tokenizer, tmp_path):
     guard = guard_for()
-    trainer = make_trainer(model, tokenizer, human_like_sentences(400, seed=3), tmp_path, lr=1e-3, max_steps=20)
+    trainer = make_trainer(model, tokenizer, human_like_sentences(400, seed=3), tmp_path, lr=1e-3,
+                           max_steps=20)
     guard.attach(trainer)
     trainer.train()
     assert trainer.state.global_step == 20 and guard.stopped_at is None
@@ -124,7 +128,8 @@ def test_human_data_at_sane_lr_does_not_alarm(model, tokenizer, tmp_path):
 
 def test_cost_budget_keeps_the_guard_under_its_share_in_forward_tokens(model, tokenizer, tmp_path):
     """Counted in forward tokens (not wall time), so the assertion does not depend on the machine."""
-    guard = guard_for(eval_steps=1, prompts=PROMPTS, budget=0.25, budget_unit="tokens", stop_training_on_alarm=False)
+    guard = guard_for(eval_steps=1, prompts=PROMPTS, budget=0.25, budget_unit="tokens",
+                      stop_training_on_alarm=False)
     trainer = make_trainer(model, tokenizer, human_like_sentences(400, seed=3), tmp_path, max_steps=30)
     guard.attach(trainer)
     trainer.train()
@@ -161,8 +166,9 @@ def test_early_stopping_on_heldout_ppl(model, tokenizer, tmp_path):
 
 
 def test_heldout_ppl_as_best_metric_needs_greater_is_better_false(model, tokenizer, tmp_path):
-    trainer = make_trainer(model, tokenizer, HELDOUT, tmp_path, max_steps=2, metric_for_best_model="heldout_ppl",
-                           eval_texts=HELDOUT[:4], eval_strategy="steps", eval_steps=5)
+    trainer = make_trainer(model, tokenizer, HELDOUT, tmp_path, max_steps=2,
+                           metric_for_best_model="heldout_ppl", eval_texts=HELDOUT[:4], eval_strategy="steps",
+                           eval_steps=5)
     with pytest.raises(ValueError, match="greater_is_better=False"):
         guard_for().attach(trainer)
 
@@ -176,7 +182,8 @@ def test_guard_added_without_attach_is_a_clear_error(model, tokenizer, tmp_path)
 def test_resume_keeps_baseline_and_history(model, tokenizer, pretrained, tmp_path, monkeypatch):
     texts = human_like_sentences(400, seed=3)
     first = guard_for()
-    trainer = make_trainer(model, tokenizer, texts, tmp_path, max_steps=10, save_strategy="steps", save_steps=5)
+    trainer = make_trainer(model, tokenizer, texts, tmp_path, max_steps=10, save_strategy="steps",
+                           save_steps=5)
     first.attach(trainer)
     trainer.train()
     assert [e["step"] for e in first.history.entries] == [0, 5, 10]
@@ -187,7 +194,8 @@ def test_resume_keeps_baseline_and_history(model, tokenizer, pretrained, tmp_pat
     calls = []
     measure = CollapseGuardCallback.measure
     monkeypatch.setattr(CollapseGuardCallback, "measure",
-                        lambda self, m, step, final=False: calls.append(step) or measure(self, m, step, final))
+                        lambda self, m, step, final=False: calls.append(step)
+                        or measure(self, m, step, final))
     trainer = make_trainer(resumed_model, tokenizer, texts, tmp_path, max_steps=15)
     second.attach(trainer)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
@@ -214,8 +222,8 @@ def test_history_file_carries_round0_baseline_into_round1(model, tokenizer, tmp_
     assert entries[0] == round0.history.entries[0] and entries[0]["round"] == 0
     # round 1 starts with a check of round 0's result and ends with one at its last step (3)
     assert [(e["round"], e["step"]) for e in entries] == [(0, 0), (0, 5), (1, 0), (1, 3)]
-    assert entries[-1]["heldout_ppl_ratio"] == pytest.approx(entries[-1]["heldout_ppl"] / entries[0]["heldout_ppl"],
-                                                             rel=1e-6)
+    assert entries[-1]["heldout_ppl_ratio"] == pytest.approx(
+        entries[-1]["heldout_ppl"] / entries[0]["heldout_ppl"], rel=1e-6)
     assert any("over round 0" in r for r in round1.last_verdict.reasons) or round1.last_verdict.level == "ok"
     assert not (tmp_path / "r1" / HISTORY_FILENAME).exists()
     assert len(read_json(history)["entries"]) == 4
@@ -250,10 +258,11 @@ def test_collator_metrics_logged_and_mixing_duties(model, tokenizer, tmp_path):
     guard = CollapseGuardCallback(HELDOUT, collator=collator, probe=ProbeConfig(context_length=64),
                                   config=GuardConfig(eval_steps=2, cost_budget=None))
     recorder = Recorder()
-    args = SFTConfig(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, use_cpu=True,
-                     bf16=False, report_to=[], logging_steps=2, save_strategy="steps", save_steps=2,
-                     eval_strategy="steps", eval_steps=2, disable_tqdm=True, max_length=64)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": degenerate_sentences(32)}),
+    args = SFTConfig(str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                     use_cpu=True, bf16=False, report_to=[], logging_steps=2, save_strategy="steps",
+                     save_steps=2, eval_strategy="steps", eval_steps=2, disable_tqdm=True, max_length=64)
+    trainer = SFTTrainer(model=model, args=args,
+                         train_dataset=Dataset.from_dict({"text": degenerate_sentences(32)}),
                          eval_dataset=Dataset.from_dict({"text": HELDOUT[:4]}), processing_class=tokenizer,
                          callbacks=[recorder])
     guard.attach(trainer)
@@ -276,8 +285,10 @@ def test_low_ppl_concentration_with_seeded_sampling(model, tokenizer, tmp_path):
     for _ in range(2):  # seeded decoding: the same model measured twice gives the same signals
         model.load_state_dict(state)
         guard = CollapseGuardCallback(HELDOUT, prompts=PROMPTS * 3, reference_model=reference,
-                                      probe=ProbeConfig(context_length=64, max_new_tokens=8, prompt_tokens=None),
-                                      config=GuardConfig(eval_steps=2, cost_budget=None, stop_training_on_alarm=False))
+                                      probe=ProbeConfig(context_length=64, max_new_tokens=8,
+                                                        prompt_tokens=None),
+                                      config=GuardConfig(eval_steps=2, cost_budget=None,
+                                                         stop_training_on_alarm=False))
         trainer = make_trainer(model, tokenizer, human_like_sentences(64, seed=4), tmp_path, max_steps=2)
         guard.attach(trainer)
         trainer.train()
@@ -322,7 +333,8 @@ def test_bad_guard_config(kwargs, message):
         GuardConfig(**kwargs)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"context_length": 1}, "context_length"), ({"stride": 1024}, "stride"),
+@pytest.mark.parametrize(("kwargs", "message"), [({"context_length": 1}, "context_length"),
+                                                 ({"stride": 1024}, "stride"),
                                                  ({"temperature": -1}, "temperature")])
 def test_bad_probe_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -345,8 +357,10 @@ def test_final_verdict_reaches_tensorboard_event_files(model, tokenizer, tmp_pat
     args = TrainingArguments(str(tmp_path), max_steps=7, per_device_train_batch_size=8, use_cpu=True,
                              report_to=["tensorboard"], logging_steps=5,
                              save_strategy="no", disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=tokenized(tokenizer, human_like_sentences(80, seed=5)),
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args,
+                      train_dataset=tokenized(tokenizer, human_like_sentences(80, seed=5)),
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      processing_class=tokenizer)
     guard.attach(trainer)
     trainer.train()
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents*")).parent))

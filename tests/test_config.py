@@ -1,4 +1,5 @@
-"""Recipes: each section is its component's own config, validated before anything runs, with one-line errors."""
+"""Recipes: each section is its component's own config, validated before anything runs, with one-line
+errors."""
 
 import dataclasses
 
@@ -44,7 +45,8 @@ def test_sections_are_the_components_configs():
     assert isinstance(config.probe_config(), ProbeConfig) and config.probe_config().context_length == 64
     guard = config.guard_config(2, "h.json")
     assert isinstance(guard, GuardConfig) and guard.round_index == 2 and guard.eval_steps == 7
-    assert isinstance(config.detector_config(), DetectorConfig) and config.detector_config().ppl_ratio_alarm == 1.3
+    assert isinstance(config.detector_config(), DetectorConfig) \
+        and config.detector_config().ppl_ratio_alarm == 1.3
     assert config.sft_fields() == {"learning_rate": 1e-4}
     magpie = config_from_dict({"generation": {"method": "magpie", "instruction_max_new_tokens": 32},
                                "data": {"real": "tiny:chat"}}).generation_config()
@@ -122,14 +124,16 @@ def test_extends_variants_and_seeds(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(
         "extends: parent.yaml\nname: child\nmixing: {mode: replace}\nseeds: [0, 1]\n"
-        "variants:\n  a: {mixing.min_real_fraction: 0.0, mixing.allow_low_real_fraction: true}\n  b: {rounds: 2}\n"
+        "variants:\n  a: {mixing.min_real_fraction: 0.0, mixing.allow_low_real_fraction: true}\n"
+        "  b: {rounds: 2}\n"
     )
     config = load_config(child)
     assert config.rounds == 5 and config.mixing.mode == "replace" and config.mixing.min_real_fraction == 0.3
     runs = expand(config)
     # Seeds outermost: a run cut short after the first seed still has every arm.
     assert list(runs) == ["a/seed_0", "b/seed_0", "a/seed_1", "b/seed_1"]
-    assert runs["a/seed_1"].mixing.min_real_fraction == 0.0 and runs["a/seed_1"].output_dir.endswith("out/a/seed_1")
+    assert runs["a/seed_1"].mixing.min_real_fraction == 0.0 \
+        and runs["a/seed_1"].output_dir.endswith("out/a/seed_1")
     assert runs["a/seed_1"].seed == 1 and runs["b/seed_0"].rounds == 2 and runs["b/seed_0"].name == "b"
 
 

@@ -62,7 +62,8 @@ def test_diversity_ratios(name):
     warn = check(BASE, {**BASE, name: BASE[name] * 0.85})
     alarm = check(BASE, {**BASE, name: BASE[name] * 0.70})
     assert warn.level == "warn" and alarm.level == "alarm"
-    assert alarm.reasons[0].startswith(f"{name} fell 30% below round 0") and "alarm at 25%" in alarm.reasons[0]
+    assert alarm.reasons[0].startswith(f"{name} fell 30% below round 0") \
+        and "alarm at 25%" in alarm.reasons[0]
     assert alarm.signals[f"{name}_ratio"] == pytest.approx(0.70)
 
 

@@ -96,7 +96,8 @@ def test_degenerate_text_scores_lower_diversity_on_every_signal():
     human = human_like_sentences(200, seed=7)
     varied = diversity_metrics(human_like_sentences(60), human_texts=human)
     collapsed = diversity_metrics(degenerate_sentences(60), human_texts=human)
-    for key in ("distinct_1", "distinct_2", "distinct_3", "distinct_4", "unigram_entropy", "ttr", "tail_coverage"):
+    for key in ("distinct_1", "distinct_2", "distinct_3", "distinct_4", "unigram_entropy", "ttr",
+                "tail_coverage"):
         assert collapsed[key] < varied[key], key
     for key in ("self_bleu4", "compression_ratio"):
         assert collapsed[key] > varied[key], key

@@ -21,7 +21,8 @@ def _added_code_lines(name: str) -> list[str]:
         text = path.read_text()
         return text[text.index('"""', 3) + 3:].splitlines()  # without the module docstring
 
-    diff = difflib.unified_diff(code(EXAMPLES / "sft_plain.py"), code(EXAMPLES / f"{name}.py"), lineterm="", n=0)
+    diff = difflib.unified_diff(code(EXAMPLES / "sft_plain.py"), code(EXAMPLES / f"{name}.py"), lineterm="",
+                                n=0)
     return [line for line in diff if line.startswith("+") and not line.startswith("+++")]
 
 
@@ -78,4 +79,5 @@ def test_grpo_example_stops_on_the_hacked_reward_and_not_on_noise(tmp_path):
 def test_ratio_search_example(tmp_path):
     result = _load("ratio_search").main(["--output-dir", str(tmp_path / "search")])
     assert [row["fraction"] for row in result["rows"]][:3] == [0.1, 0.5, 0.9] or len(result["rows"]) >= 3
-    assert (tmp_path / "search" / "ratio_search.md").exists() and (tmp_path / "search" / "ratio_search.png").exists()
+    assert (tmp_path / "search" / "ratio_search.md").exists() \
+        and (tmp_path / "search" / "ratio_search.png").exists()

@@ -1,5 +1,5 @@
-"""The adaptive real-data floor: the guard raises the collator's real share on a warn, lowers it after recovery,
-applies it on every rank at the same step, and carries it through a resume."""
+"""The adaptive real-data floor: the guard raises the collator's real share on a warn, lowers it after
+recovery, applies it on every rank at the same step, and carries it through a resume."""
 
 import json
 import os
@@ -21,7 +21,8 @@ from collapse_guard.testing import human_like_sentences, tiny_causal_lm
 def test_policy_steps_and_bounds():
     floor = FloorController(FloorConfig(minimum=0.2, maximum=0.8, step_up=2.0, step_down=0.5, decay_after=2))
     assert floor.value == 0.2
-    assert floor.update("warn")[0] == 0.4 and floor.update("warn")[0] == 0.8 and floor.update("warn")[0] == 0.8
+    assert floor.update("warn")[0] == 0.4 and floor.update("warn")[0] == 0.8 \
+        and floor.update("warn")[0] == 0.8
     assert floor.update("ok") == (0.8, "ok: floor held at 0.80")
     value, reason = floor.update("ok")
     assert value == 0.4 and reason.startswith("2 healthy measurements")
@@ -36,7 +37,8 @@ def test_policy_steps_and_bounds():
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"minimum": 0.9, "maximum": 0.5}, "must be <= maximum"),
                                                  ({"step_up": 0.9}, "step_up must be > 1"),
-                                                 ({"start": 0.95}, "must lie in"), ({"decay_after": 0}, "decay_after")])
+                                                 ({"start": 0.95}, "must lie in"),
+                                                 ({"decay_after": 0}, "decay_after")])
 def test_bad_floor_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FloorConfig(**kwargs)
@@ -56,15 +58,17 @@ def run(tmp_path, tokenizer, monkeypatch, levels, max_steps=12, resume=None, sav
     monkeypatch.setattr(CollapseDetector, "check", scripted(list(levels)))
     real = Dataset.from_dict({"text": human_like_sentences(40, seed=1)})
     synthetic = Dataset.from_dict({"text": [f"synthetic {i} the model said" for i in range(40)]})
-    args = SFTConfig(str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                     bf16=False, save_strategy="steps" if save else "no", save_steps=4, logging_steps=2,
-                     disable_tqdm=True, max_length=32)
+    args = SFTConfig(str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, report_to=[],
+                     use_cpu=True, bf16=False, save_strategy="steps" if save else "no", save_steps=4,
+                     logging_steps=2, disable_tqdm=True, max_length=32)
     trainer = SFTTrainer(model=tiny_causal_lm(tokenizer), args=args, processing_class=tokenizer,
-                         train_dataset=mix_datasets(real, synthetic, mode="accumulate", min_real_fraction=0.3))
+                         train_dataset=mix_datasets(real, synthetic, mode="accumulate",
+                                                    min_real_fraction=0.3))
     collator = MixingCollator(real_dataset=real, min_real_fraction=0.1, allow_low_real_fraction=True)
     guard = CollapseGuardCallback(human_like_sentences(8, seed=9), collator=collator,
                                   probe=ProbeConfig(context_length=32),
-                                  config=GuardConfig(eval_steps=2, cost_budget=None, stop_training_on_alarm=True),
+                                  config=GuardConfig(eval_steps=2, cost_budget=None,
+                                                     stop_training_on_alarm=True),
                                   floor=FloorConfig(minimum=0.1, maximum=0.9, decay_after=2)).attach(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, guard, collator
@@ -72,7 +76,8 @@ def run(tmp_path, tokenizer, monkeypatch, levels, max_steps=12, resume=None, sav
 
 def test_floor_rises_on_warn_falls_after_recovery_and_is_logged(tmp_path, tokenizer, monkeypatch):
     # measurements at steps 0, 2, 4, ...: ok, warn, warn, ok, ok, ok, ok
-    trainer, guard, collator = run(tmp_path, tokenizer, monkeypatch, ["ok", "warn", "warn", "ok", "ok", "ok", "ok"])
+    trainer, guard, collator = run(tmp_path, tokenizer, monkeypatch,
+                                   ["ok", "warn", "warn", "ok", "ok", "ok", "ok"])
     floors = [(e["step"], e["floor"]) for e in guard.history.entries]
     assert floors[:4] == [(0, 0.1), (2, 0.15), (4, 0.225), (6, 0.225)]
     assert floors[4][1] == pytest.approx(0.18) and floors[-1][1] < 0.18  # decays toward the minimum
@@ -87,7 +92,8 @@ def test_alarm_raises_to_the_maximum_and_rechecks_before_stopping(tmp_path, toke
     assert guard.stopped_at is None and trainer.state.global_step == 12  # the maximum floor rescued it
     assert [e["floor"] for e in guard.history.entries][1] == 0.9
     trainer, guard, collator = run(tmp_path / "stopped", tokenizer, monkeypatch, ["ok", "alarm", "alarm"])
-    assert guard.stopped_at == 4 and trainer.state.global_step == 4  # re-measured once at the maximum, then stop
+    # re-measured once at the maximum, then stop
+    assert guard.stopped_at == 4 and trainer.state.global_step == 4
 
 
 def test_floor_state_survives_a_resume(tmp_path, tokenizer, monkeypatch):

@@ -1,5 +1,5 @@
-"""The multi-round loop on the offline tiny model: steps, artifacts, the run folder's protection, resume after a real
-kill, 2 processes, and the command line's one-line errors."""
+"""The multi-round loop on the offline tiny model: steps, artifacts, the run folder's protection, resume after
+a real kill, 2 processes, and the command line's one-line errors."""
 
 import json
 import os
@@ -44,7 +44,8 @@ def test_two_rounds_produce_every_artifact(tiny_run):
     assert [h["round"] for h in summary["history"]] == [0, 1, 2]
     for entry in summary["history"]:
         assert entry["heldout_ppl"] > 1 and entry["level"] in ("ok", "warn", "alarm")
-        assert {"distinct_2", "self_bleu4", "tail_coverage", "low_ppl_share", "generations", "evidence"} <= set(entry)
+        assert {"distinct_2", "self_bleu4", "tail_coverage", "low_ppl_share", "generations",
+                "evidence"} <= set(entry)
     state = read_json(out / "run_state.json")
     assert state["finished"] and state["done"]["1"] == list(STEPS) and state["config"]["name"] == "tiny_loop"
     for r in (1, 2):
@@ -74,7 +75,8 @@ def test_finished_run_is_kept_other_recipes_refused_restart_discards(tiny_run, t
     again = run_rounds(load_config(RECIPE, [f"output_dir={out}"]))
     assert [e["heldout_ppl"] for e in again["history"]] == [e["heldout_ppl"] for e in summary["history"]]
     assert (out / HISTORY).stat().st_mtime_ns == before
-    with pytest.raises(RunFolderError, match=r"holds a run of another recipe \(training.learning_rate: .*--restart"):
+    with pytest.raises(RunFolderError,
+                       match=r"holds a run of another recipe \(training.learning_rate: .*--restart"):
         run_rounds(load_config(RECIPE, [f"output_dir={out}", "training.learning_rate=0.5"]))
     # a folder that is not a run folder is never written into
     foreign = tmp_path / "mine"
@@ -98,7 +100,8 @@ def test_issue15_an_alarm_does_not_cut_later_rounds_unless_asked(tmp_path, monke
     monkeypatch.setattr(CollapseDetector, "check", check)
     out = tmp_path / "off"
     summary = run_rounds(load_config(RECIPE, [f"output_dir={out}", "rounds=3", "generation.n_samples=8",
-                                              "guard.stop_training_on_alarm=false", "end_run_on_alarm=false"]))
+                                              "guard.stop_training_on_alarm=false",
+                                              "end_run_on_alarm=false"]))
     assert [e["level"] for e in summary["history"]] == ["ok", "alarm", "alarm", "alarm"]
     for r in (1, 2, 3):
         info = read_json(out / f"round_{r}" / "train.json")
@@ -130,7 +133,8 @@ def _cli(out: Path, *extra: str) -> list[str]:
 def test_concurrent_runs_into_one_folder(tmp_path, tiny_run):
     """Three processes start the same run in one folder: one runs, the others are refused by name."""
     out = tmp_path / "shared"
-    procs = [subprocess.Popen(_cli(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen(_cli(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
              for _ in range(3)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
@@ -161,7 +165,8 @@ def test_concurrent_runs_into_one_folder(tmp_path, tiny_run):
         (["report", "EMPTY"], "holds no finished round"),
         (["generate", "continuation", "--model", "tiny", "--texts", "MISSING.txt", "--out", "OUT"],
          "no such file"),
-        (["generate", "magpie", "--model", "/missing/model", "--n", "2", "--out", "OUT"], "no model folder there"),
+        (["generate", "magpie", "--model", "/missing/model", "--n", "2", "--out", "OUT"],
+         "no model folder there"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, needle):
@@ -196,12 +201,13 @@ def test_a_model_whose_vocabulary_is_smaller_than_its_tokenizer_is_refused(tmp_p
 def test_help_is_instant_and_imports_no_torch():
     code = ("import sys, time; t = time.time(); import collapse_guard.cli as c; c.build_parser(); "
             "print('torch' in sys.modules, 'transformers' in sys.modules, round(time.time() - t, 2))")
-    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                          timeout=120)
     torch_loaded, transformers_loaded, seconds = done.stdout.split()
     assert torch_loaded == "False" and transformers_loaded == "False", done.stderr
     for args in (["--help"], ["run", "--help"], ["generate", "magpie", "--help"], ["demo", "--help"]):
-        done = subprocess.run([sys.executable, "-m", "collapse_guard.cli", *args], env=_env(), capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "collapse_guard.cli", *args], env=_env(),
+                              capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage:" in done.stdout
 
 
@@ -244,7 +250,8 @@ def test_killed_mid_round_resumes_to_the_same_artifacts(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     slow = "callbacks=[{class: loop_hooks.SlowSteps, seconds: 0.3}]"
     # kill 1: during round 1's training, right after its first checkpoint
-    _run_until(_cli(killed, slow), lambda: any((killed / "round_1" / "trainer").glob("checkpoint-*/trainer_state.json")))
+    _run_until(_cli(killed, slow),
+               lambda: any((killed / "round_1" / "trainer").glob("checkpoint-*/trainer_state.json")))
     state = read_json(killed / "run_state.json")
     assert "mix" in state["done"]["1"] and "train" not in state["done"]["1"]
     # kill 2: in round 2, as soon as its generated samples are saved

@@ -134,7 +134,8 @@ def test_preference_data_is_refused_with_the_supported_formats():
     with pytest.raises(DataFormatError, match="preference data"):
         mix_datasets(dpo, dpo)
     with pytest.raises(ValueError, match="no 'input_ids'.*preference pairs"):
-        MixingCollator(identity, real_dataset=["a"], min_real_fraction=0.5).plan()([{"chosen": [1], "rejected": [2]}])
+        MixingCollator(identity, real_dataset=["a"], min_real_fraction=0.5).plan()(
+            [{"chosen": [1], "rejected": [2]}])
 
 
 def test_unknown_columns_are_refused_with_a_fix():
@@ -202,7 +203,8 @@ def test_accumulate_keeps_all_real_and_previous_rounds():
     real, synthetic = tiny_text_datasets(10, 6)
     previous = mix_datasets(real, synthetic, mode="replace").filter(lambda p: p["source"] == "synthetic",
                                                                     input_columns="provenance")
-    mixed = mix_datasets(real, synthetic, mode="accumulate", previous=previous, round_index=1, min_real_fraction=0.3)
+    mixed = mix_datasets(real, synthetic, mode="accumulate", previous=previous, round_index=1,
+                         min_real_fraction=0.3)
     assert sources(mixed).count("real") == 10 and sources(mixed).count("synthetic") == 12
 
 
@@ -243,7 +245,7 @@ def test_the_package_generators_output_mixes_without_adapters(tokenizer, tiny_mo
     assert sources(mixed).count("synthetic") == 6 and mixed.column_names == ["text", "provenance"]
 
 
-# ----------------------------------------------------------------------------------- the policy, property-tested
+# ------------------------------------------------------------------------------ the policy, property-tested
 def run_policy(batch_size, accumulation, fraction, n_real, n_synthetic, seed, max_growth=2.0, scope="step"):
     """One epoch through the collator's own code, with rows that carry their provenance."""
     rng = __import__("random").Random(seed)
@@ -265,8 +267,8 @@ def run_policy(batch_size, accumulation, fraction, n_real, n_synthetic, seed, ma
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch_size=st.integers(1, 20), accumulation=st.integers(1, 4), fraction=st.floats(0.1, 1.0),
        n_real=st.integers(0, 120), n_synthetic=st.integers(0, 120), seed=st.integers(0, 3))
-def test_policy_floor_per_step_none_lost_none_duplicated(batch_size, accumulation, fraction, n_real, n_synthetic,
-                                                         seed):
+def test_policy_floor_per_step_none_lost_none_duplicated(batch_size, accumulation, fraction, n_real,
+                                                         n_synthetic, seed):
     if n_real + n_synthetic == 0:
         return
     collator, batches = run_policy(batch_size, accumulation, fraction, n_real, n_synthetic, seed)
@@ -284,7 +286,8 @@ def test_policy_floor_per_step_none_lost_none_duplicated(batch_size, accumulatio
     else:
         assert sorted(served + pending) == list(range(n_synthetic))  # none lost: fed, or still carried (said)
     predicted = dry_run(collator, n_real, n_synthetic, batch_size, accumulation, seed=seed + 100)
-    if fraction < 1.0 and n_synthetic / (n_real + n_synthetic) <= 0.9 * (1 - fraction) - 2 / (batch_size * accumulation):
+    if fraction < 1.0 and n_synthetic / (n_real + n_synthetic) \
+            <= 0.9 * (1 - fraction) - 2 / (batch_size * accumulation):
         assert pending == [] and predicted["untrained"] == 0  # comfortably feasible: all fed within the epoch
 
 
@@ -299,8 +302,8 @@ def test_policy_trains_the_promised_mix_with_small_batches(batch_size, accumulat
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch_size=st.integers(1, 6), fraction=st.floats(0.1, 0.9),
-       rows=st.lists(st.lists(st.tuples(st.booleans(), st.integers(3, 14)), min_size=1, max_size=4), min_size=1,
-                     max_size=40))
+       rows=st.lists(st.lists(st.tuples(st.booleans(), st.integers(3, 14)), min_size=1, max_size=4),
+                     min_size=1, max_size=40))
 def test_token_floor_no_blocking_packed_rows_full(batch_size, fraction, rows):
     """Packed rows: floor by tokens per step, every synthetic segment fed once (a long one never blocks the
     rest), rows <= max_length, and at least 95% of the incoming tokens per batch."""
@@ -392,7 +395,8 @@ def test_tokenize_row_matches_sft_trainer_preparation(tmp_path, tokenizer, tiny_
     trainer = SFTTrainer(model=tiny_model, args=args, train_dataset=mix_datasets(real, synthetic),
                          processing_class=tokenizer)
     ours = {tuple(tokenize_row(ex, tokenizer, RowFormat.for_sft(args))["input_ids"]) for ex in real}
-    prepared = {tuple(ex["input_ids"]) for ex in trainer.train_dataset if ex["provenance"]["source"] == "real"}
+    prepared = {tuple(ex["input_ids"]) for ex in trainer.train_dataset
+                if ex["provenance"]["source"] == "real"}
     assert prepared == ours
 
 
@@ -417,8 +421,10 @@ def test_unrecognisable_training_rows_are_reported_at_attach(tmp_path, tokenizer
     train = mix_datasets(real, synthetic).map(lambda ex: tokenizer(ex["text"].upper()),
                                               remove_columns=["text", "provenance"])
     trainer = Trainer(model=tiny_model, args=TrainingArguments(str(tmp_path), report_to=[], use_cpu=True),
-                      train_dataset=train, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    with pytest.warns(UserWarning, match="none of the 40 training rows matches a real-pool example.*provenance"):
+                      train_dataset=train,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    with pytest.warns(UserWarning,
+                      match="none of the 40 training rows matches a real-pool example.*provenance"):
         MixingCollator(real_dataset=real).attach(trainer)
 
 
@@ -427,8 +433,8 @@ def test_runtime_self_check_warns_when_no_real_row_is_recognised(tokenizer):
     collator = MixingCollator(identity, real_dataset=real, tokenizer=tokenizer).plan(1, 40, 40, 2)
     collator.composition = {"real": 20, "synthetic": 40}
     rows = [{"input_ids": tokenizer(t.upper())["input_ids"]} for t in real["text"]]  # tokenized another way
-    with pytest.warns(UserWarning, match="recognised no real row among the first 30 rows although the training set "
-                                         r"holds 20 real rows \(10 expected so far\)"):
+    with pytest.warns(UserWarning, match="recognised no real row among the first 30 rows although the "
+                                         r"training set holds 20 real rows \(10 expected so far\)"):
         for i in range(0, 40, 2):
             collator(rows[i % 20: i % 20 + 2])
 
@@ -458,15 +464,16 @@ def run_sft(tmp_path, tokenizer, kind, batch_size, accumulation, fraction, n_rea
 
 @pytest.mark.parametrize("kind", ["text", "messages", "prompt_completion"])
 @pytest.mark.parametrize("batch_size,accumulation,fraction", CASES)
-def test_sft_trainer_floor_exactly_once_and_max_length(tmp_path, tokenizer, caplog, kind, batch_size, accumulation,
-                                                       fraction):
+def test_sft_trainer_floor_exactly_once_and_max_length(tmp_path, tokenizer, caplog, kind, batch_size,
+                                                       accumulation, fraction):
     with caplog.at_level(logging.INFO, logger="collapse_guard"):
         fed, collator = run_sft(tmp_path, tokenizer, kind, batch_size, accumulation, fraction, max_length=24)
     assert_floor_per_step(fed, accumulation, fraction)
     assert max(n for mb in fed for _, n in mb) <= 24  # top-ups respect SFTConfig.max_length
     served = ids_of([t for mb in fed for t, _ in mb], SYNTHETIC_ID)
     assert len(served) == len(set(served))
-    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("MixingCollator: at least"))
+    plan = next(r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("MixingCollator: at least"))
     if fraction >= 1.0:
         assert served == [] and "will not be trained" in plan
     elif "every synthetic row is trained once per epoch" in plan:
@@ -480,11 +487,13 @@ def test_sft_trainer_floor_exactly_once_and_max_length(tmp_path, tokenizer, capl
 @pytest.mark.parametrize("fraction,max_length", [(0.33, 96), (0.5, 40)])
 def test_sft_trainer_packing_with_the_tokens_unit(tmp_path, tokenizer, caplog, fraction, max_length):
     with caplog.at_level(logging.INFO, logger="collapse_guard"):
-        fed, collator = run_sft(tmp_path, tokenizer, "text", 2, 2, fraction, packing=True, max_length=max_length)
+        fed, collator = run_sft(tmp_path, tokenizer, "text", 2, 2, fraction, packing=True,
+                                max_length=max_length)
     assert_floor_per_step(fed, 2, fraction, unit="tokens")
     assert max(n for mb in fed for _, n in mb) <= max_length
     served = ids_of([t for mb in fed for t, _ in mb], SYNTHETIC_ID)
-    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("MixingCollator: at least"))
+    plan = next(r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("MixingCollator: at least"))
     assert len(served) == len(set(served)) and len(served) + len(collator.synthetic_buffer) == 24
     if "every synthetic row is trained once per epoch" in plan:
         assert sorted(served) == list(range(24))
@@ -507,7 +516,8 @@ def test_plain_trainer_with_raw_text_real_pool(tmp_path, tokenizer, keep_provena
     fed: list = []
     record_fed(model, tokenizer, fed)
     args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                             num_train_epochs=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+                             num_train_epochs=1, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=train,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
     collator = MixingCollator(real_dataset=real, min_real_fraction=0.5).attach(trainer)
@@ -520,7 +530,8 @@ def test_plain_trainer_with_raw_text_real_pool(tmp_path, tokenizer, keep_provena
         served = ids_of([t for mb in fed for t, _ in mb], SYNTHETIC_ID)
         assert sorted(served) == list(range(24))
     assert abs(collator.metrics()["real_fraction"] - sum(
-        1 for mb in fed for t, _ in mb if REAL_ID.search(t)) / sum(len(mb) for mb in fed)) < 1e-9 or truncate_to
+        1 for mb in fed for t, _ in mb if REAL_ID.search(t)) / sum(len(mb) for mb in fed)) < 1e-9 \
+        or truncate_to
 
 
 def test_streaming_real_pool_tops_up(tmp_path, tokenizer):
@@ -589,7 +600,8 @@ def test_two_processes_floor_per_rank_and_exactly_once_across_ranks(tmp_path):
 
     script = Path(__file__).parent / "scripts" / "mixing_dist.py"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

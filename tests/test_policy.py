@@ -26,13 +26,14 @@ def noise(completions, **kwargs):
 def run_grpo(tmp_path, tokenizer, reward, max_steps=24):
     from trl import GRPOConfig, GRPOTrainer
 
-    prompts = Dataset.from_dict({"prompt": [" ".join(s.split()[:3]) for s in human_like_sentences(64, seed=3)]})
+    prompts = Dataset.from_dict({"prompt": [" ".join(s.split()[:3])
+                                            for s in human_like_sentences(64, seed=3)]})
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, num_generations=8,
                       max_completion_length=12, learning_rate=1.5e-2, lr_scheduler_type="constant",
                       max_steps=max_steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False,
                       save_strategy="no", disable_tqdm=True, beta=0.0, seed=0)
-    trainer = GRPOTrainer(model=tiny_causal_lm(tokenizer), reward_funcs=reward, args=args, train_dataset=prompts,
-                          processing_class=tokenizer)
+    trainer = GRPOTrainer(model=tiny_causal_lm(tokenizer), reward_funcs=reward, args=args,
+                          train_dataset=prompts, processing_class=tokenizer)
     guard = CollapseGuardCallback(human_like_sentences(16, seed=99), probe=ProbeConfig(context_length=64),
                                   config=GuardConfig(eval_steps=10_000, cost_budget=None)).attach(trainer)
     trainer.train()
@@ -45,14 +46,16 @@ def test_grpo_guard_fires_on_a_hacked_reward_and_not_on_the_control(tmp_path, to
     assert guard.policy_verdict.is_alarm and guard.stopped_at == trainer.state.global_step < 24
     first_flag = next(e["step"] for e in guard.policy_history.entries if e["level"] != "ok")
     assert first_flag < guard.stopped_at and levels[0] == "ok"
-    assert guard.policy_history.entries[-1]["reward"] > guard.policy_history.entries[0]["reward"]  # reward rose
+    # reward rose
+    assert guard.policy_history.entries[-1]["reward"] > guard.policy_history.entries[0]["reward"]
     logged = [log for log in trainer.state.log_history if "collapse/policy/distinct_1" in log]
     assert logged and logged[-1]["collapse/policy/level"] == 2.0
     assert (tmp_path / "hacked" / "collapse_history_policy.json").exists()
 
     trainer, guard = run_grpo(tmp_path / "noise", tokenizer, noise)
     assert trainer.state.global_step == 24
-    assert all(e["level"] == "ok" for e in guard.policy_history.entries), guard.policy_history.entries[-1]["reasons"]
+    assert all(e["level"] == "ok" for e in guard.policy_history.entries), \
+        guard.policy_history.entries[-1]["reasons"]
 
 
 def test_dpo_like_trainers_take_the_guard_but_not_the_collator(tmp_path, tokenizer):
@@ -65,6 +68,8 @@ def test_dpo_like_trainers_take_the_guard_but_not_the_collator(tmp_path, tokeniz
     trainer = dpo_like(model=tiny_causal_lm(tokenizer), args=TrainingArguments(str(tmp_path), report_to=[],
                        use_cpu=True), train_dataset=train, processing_class=tokenizer)
     with pytest.raises(ValueError, match="DPOTrainer trains on preference pairs.*without a collator"):
-        CollapseGuardCallback(human_like_sentences(8), collator=MixingCollator(real_dataset=["a"])).attach(trainer)
-    guard = CollapseGuardCallback(human_like_sentences(8), probe=ProbeConfig(context_length=64)).attach(trainer)
+        CollapseGuardCallback(human_like_sentences(8),
+                              collator=MixingCollator(real_dataset=["a"])).attach(trainer)
+    guard = CollapseGuardCallback(human_like_sentences(8),
+                                  probe=ProbeConfig(context_length=64)).attach(trainer)
     assert guard.probe is not None and guard in trainer.callback_handler.callbacks

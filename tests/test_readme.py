@@ -1,4 +1,5 @@
-"""The README's tour runs as written, in the order written (offline, with tiny overrides where it uses SmolLM2)."""
+"""The README's tour runs as written, in the order written (offline, with tiny overrides where it uses
+SmolLM2)."""
 
 import os
 import re
@@ -16,9 +17,10 @@ TINY = {
     "--model smollm2": "--model tiny",
     "generate magpie --model tiny": "generate magpie --model tiny --no-clean --instruction-max-new-tokens 8 "
                                     "--response-max-new-tokens 8",
-    "recipes/ratio_search_cpu.yaml": "recipes/ratio_search_cpu.yaml model.name_or_path=tiny data.real=tiny:human "
-                                     "data.heldout=tiny:heldout data.extra_heldout=null generation.prefix_tokens=4 "
-                                     "evaluation.prompt_tokens=4 rounds=1 seeds=[0] --fractions 0.1 0.9",
+    "recipes/ratio_search_cpu.yaml": "recipes/ratio_search_cpu.yaml model.name_or_path=tiny "
+                                     "data.real=tiny:human data.heldout=tiny:heldout data.extra_heldout=null "
+                                     "generation.prefix_tokens=4 evaluation.prompt_tokens=4 rounds=1 "
+                                     "seeds=[0] --fractions 0.1 0.9",
 }
 
 
@@ -49,8 +51,8 @@ def runnable(command: str) -> list[str]:
 
 def test_the_tour_names_what_the_issue_asks_for():
     commands = " ".join(tour())
-    for needle in ("collapse-guard --help", "run recipes/tiny_loop.yaml", "collapse-guard report", "accelerate launch",
-                   "generate continuation", "generate magpie", "ratio-search"):
+    for needle in ("collapse-guard --help", "run recipes/tiny_loop.yaml", "collapse-guard report",
+                   "accelerate launch", "generate continuation", "generate magpie", "ratio-search"):
         assert needle in commands
 
 
@@ -60,7 +62,8 @@ def test_the_readme_tour_runs_in_order(tmp_path):
         shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for command in tour():
-        done = subprocess.run(runnable(command), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(runnable(command), cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=900)
         assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
     assert (tmp_path / "runs" / "tiny_loop" / "report.html").exists()
     assert (tmp_path / "runs" / "tiny_loop_2proc" / "run_state.json").exists()

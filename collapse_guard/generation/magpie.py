@@ -190,8 +190,9 @@ class MagpieConfig:
     )
     n_turns: int = field(default=1, metadata={"help": "Instruction/response turns per conversation."})
     output: str = field(default="messages", metadata={
-        "help": "'messages' (a `messages` column of chat turns) or 'prompt_completion' (conversational `prompt` "
-                "and `completion` columns, TRL's prompt-completion format: the loss covers the answer only)."})
+        "help": "'messages' (a `messages` column of chat turns) or 'prompt_completion' (conversational "
+                "`prompt` and `completion` columns, TRL's prompt-completion format: the loss covers the "
+                "answer only)."})
     instruction_max_new_tokens: int = field(default=128, metadata={"help": "Token budget of an instruction."})
     instruction_temperature: float | None = field(
         default=None,

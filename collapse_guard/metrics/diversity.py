@@ -144,7 +144,9 @@ def rare_types(human_texts: list[str], tail_mass: float = 0.2) -> set[str]:
     return tail
 
 
-def embedding_diversity(texts: list[str], model_dir: str | Path = DEFAULT_EMBEDDING_MODEL, batch_size: int = 64) -> float:
+def embedding_diversity(
+    texts: list[str], model_dir: str | Path = DEFAULT_EMBEDDING_MODEL, batch_size: int = 64
+) -> float:
     """1 - mean pairwise cosine similarity of mean-pooled sentence embeddings (i != j).
 
     `model_dir` is a transformers model directory, or "all-MiniLM-L6-v2" for the copy shipped by the
@@ -158,7 +160,9 @@ def embedding_diversity(texts: list[str], model_dir: str | Path = DEFAULT_EMBEDD
     vectors = []
     with torch.inference_mode():
         for s in range(0, len(texts), batch_size):
-            batch = tokenizer(list(texts[s : s + batch_size]), padding=True, truncation=True, return_tensors="pt")
+            batch = tokenizer(
+                list(texts[s : s + batch_size]), padding=True, truncation=True, return_tensors="pt"
+            )
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
@@ -182,7 +186,8 @@ def resolve_embedding_model(model_dir: str | Path) -> Path:
         return Path(next(iter(spec.submodule_search_locations))) / "model"
     path = Path(model_dir)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"embedding_model={str(model_dir)!r} is not a model directory (no config.json).")
+        raise FileNotFoundError(f"embedding_model={str(model_dir)!r} is not a model directory "
+                                "(no config.json).")
     return path
 
 
@@ -194,7 +199,10 @@ def _embedding_model(path: str):
 
 
 def perplexity_concentration(
-    generation_ppl: list[float], human_ppl: list[float], low_percentile: float = 25.0, high_percentile: float = 99.0
+    generation_ppl: list[float],
+    human_ppl: list[float],
+    low_percentile: float = 25.0,
+    high_percentile: float = 99.0,
 ) -> dict[str, float]:
     """Share of generations below the human `low_percentile` perplexity and above the `high_percentile`.
 

@@ -1,4 +1,5 @@
-"""A guaranteed share of real (human) data: per round (`mix_datasets`) and per optimizer step (`MixingCollator`).
+"""A guaranteed share of real (human) data: per round (`mix_datasets`) and per optimizer step
+(`MixingCollator`).
 
 Why a floor: training a generation only on the previous generation's output collapses (Shumailov et al.
 2024), keeping real data bounds the damage (Gerstgrasser et al. 2024), and 10% real data was already

@@ -48,22 +48,24 @@ def attach_collator(collator: MixingCollator, trainer) -> None:
         if cls.__name__ in _NOT_SFT:
             raise ValueError(
                 f"MixingCollator mixes SFT rows; {cls.__name__} trains on {_NOT_SFT[cls.__name__]}. Use "
-                "CollapseGuardCallback without a collator there (held-out perplexity and generation diversity)."
+                "CollapseGuardCallback without a collator there (held-out perplexity and generation "
+                "diversity)."
             )
     args = trainer.args
     if getattr(args, "dataloader_num_workers", 0):
         raise ValueError(
-            f"MixingCollator keeps its carry-over and real stream in the training process, but "
-            f"dataloader_num_workers={args.dataloader_num_workers} runs the collator in worker processes (each "
-            "with its own copy: examples lost or repeated, state not checkpointed). Set dataloader_num_workers=0; "
-            "the collator costs a fraction of a millisecond per batch."
+            "MixingCollator keeps its carry-over and real stream in the training process, but "
+            f"dataloader_num_workers={args.dataloader_num_workers} runs the collator in worker processes "
+            "(each with its own copy: examples lost or repeated, state not checkpointed). Set "
+            "dataloader_num_workers=0; the collator costs a fraction of a millisecond per batch."
         )
     if collator.tokenizer is None:
-        processing = getattr(trainer, "processing_class", None) or getattr(trainer.data_collator, "tokenizer", None)
+        processing = (getattr(trainer, "processing_class", None)
+                      or getattr(trainer.data_collator, "tokenizer", None))
         collator.tokenizer = getattr(processing, "tokenizer", processing)
     if collator.tokenizer is None and collator.real_format != "tokens":
-        raise ValueError("MixingCollator.attach: the trainer has no processing_class and its data collator no "
-                         "tokenizer; pass MixingCollator(tokenizer=...) to tokenize real top-ups.")
+        raise ValueError("MixingCollator.attach: the trainer has no processing_class and its data collator "
+                         "no tokenizer; pass MixingCollator(tokenizer=...) to tokenize real top-ups.")
     if trainer.data_collator is not collator:
         if collator.base_collator is None:
             collator.base_collator = trainer.data_collator
@@ -71,8 +73,8 @@ def attach_collator(collator: MixingCollator, trainer) -> None:
     sft = _is_sft(trainer)
     packing = bool(sft and getattr(args, "packing", False))
     if packing and collator.unit != "tokens":
-        raise ValueError("SFTConfig(packing=True) packs several examples per row: the floor must count tokens. "
-                         "Use MixingCollator(..., unit='tokens').")
+        raise ValueError("SFTConfig(packing=True) packs several examples per row: the floor must count "
+                         "tokens. Use MixingCollator(..., unit='tokens').")
     train = trainer.train_dataset
     if train is None:
         raise ValueError("MixingCollator.attach: the trainer has no train_dataset.")
@@ -88,11 +90,11 @@ def attach_collator(collator: MixingCollator, trainer) -> None:
         collator.composition = _composition_from_fingerprints(train, index, packing)
         if collator.composition is not None and collator.composition[REAL] == 0:
             warnings.warn(
-                f"MixingCollator: none of the {collator.composition[SYNTHETIC]} training rows matches a real-pool "
-                f"example tokenized the way this trainer tokenizes ({_describe(collator.row_format)}). If the "
-                "training set holds real rows, they are tokenized differently and would be counted as synthetic. "
-                "Fix: keep the 'provenance' column in the training set (mix_datasets adds it), or tokenize real "
-                "data the same way.",
+                f"MixingCollator: none of the {collator.composition[SYNTHETIC]} training rows matches a "
+                "real-pool example tokenized the way this trainer tokenizes "
+                f"({_describe(collator.row_format)}). If the training set holds real rows, they are "
+                "tokenized differently and would be counted as synthetic. Fix: keep the 'provenance' column "
+                "in the training set (mix_datasets adds it), or tokenize real data the same way.",
                 stacklevel=3,
             )
     collator.attached = True
@@ -198,7 +200,8 @@ def describe_plan(collator: MixingCollator, batch_size: int, accumulation: int) 
     else:
         room = 1.0 - f
         floor = f"at least {f:.0%} real tokens in {scope}"
-    text = f"MixingCollator: {floor}; recognising real rows by {getattr(collator, 'recognition', 'fingerprints')}"
+    text = (f"MixingCollator: {floor}; recognising real rows by "
+            f"{getattr(collator, 'recognition', 'fingerprints')}")
     comp = collator.composition
     if not comp:
         return logging.INFO, text + "; training-set composition unknown up front (streaming)."
@@ -215,29 +218,32 @@ def describe_plan(collator: MixingCollator, batch_size: int, accumulation: int) 
         tokens = comp.get("real_tokens", 0) + comp.get("synthetic_tokens", 0)
         p_tokens = comp.get("synthetic_tokens", 0) / tokens if tokens else p
         if p_tokens <= 0.95 * room:
-            return logging.INFO, text + f" Synthetic tokens: {p_tokens:.0%}; every synthetic row is trained once per epoch."
+            return logging.INFO, text + (f" Synthetic tokens: {p_tokens:.0%}; every synthetic row is trained "
+                                         "once per epoch.")
         return logging.WARNING, text + (
-            f" Synthetic tokens are {p_tokens:.0%} of the set and the floor leaves room for {room:.0%}: micro-batches "
-            f"grow (up to max_growth={collator.max_growth}) to train every synthetic row once per epoch, and rows "
-            "that still do not fit wait in the carry-over (counted at the end). To avoid it: min_real_fraction <= "
-            f"{max(0.0, 1.0 - p_tokens) * 0.95:.2f}, or a training set built with mix_datasets(..., min_real_fraction=f).")
+            f" Synthetic tokens are {p_tokens:.0%} of the set and the floor leaves room for {room:.0%}: "
+            f"micro-batches grow (up to max_growth={collator.max_growth}) to train every synthetic row once "
+            "per epoch, and rows that still do not fit wait in the carry-over (counted at the end). To avoid "
+            f"it: min_real_fraction <= {max(0.0, 1.0 - p_tokens) * 0.95:.2f}, or a training set built with "
+            "mix_datasets(..., min_real_fraction=f).")
     sim = dry_run(collator, comp[REAL], comp[SYNTHETIC], batch_size, accumulation)
-    measured = (f" Dry run of this plan on a shuffled set of the same composition: {sim['grown_share']:.0%} of "
-                f"micro-batches take extra rows, {sim['extra_rows_share']:+.0%} rows in all, largest micro-batch "
-                f"{sim['largest']} rows")
+    measured = (f" Dry run of this plan on a shuffled set of the same composition: {sim['grown_share']:.0%} "
+                f"of micro-batches take extra rows, {sim['extra_rows_share']:+.0%} rows in all, largest "
+                f"micro-batch {sim['largest']} rows")
     if sim["untrained"] == 0:
         level = logging.INFO if sim["grown_share"] <= 0.25 else logging.WARNING
         return level, text + measured + "; every synthetic row is trained once per epoch."
     fixes = [f"min_real_fraction <= {max(0.0, 1.0 - p):.2f}"]
-    better = next((k for k in range(window + 1, 4 * window + 64) if (k - math.ceil(f * k - 1e-9)) / k >= p - 1e-9),
-                  None)
+    better = next((k for k in range(window + 1, 4 * window + 64)
+                   if (k - math.ceil(f * k - 1e-9)) / k >= p - 1e-9), None)
     if better:
         fixes.append(f"{'B x GA' if collator.floor_scope == 'step' else 'B'} >= {better}")
     fixes.append(f"max_growth > {collator.max_growth}")
     return logging.WARNING, text + measured + (
-        f"; about {sim['untrained']} synthetic rows per epoch cannot be trained within the epoch (the floor leaves "
-        f"room for {room:.0%} synthetic per step, growth is capped by max_growth={collator.max_growth}); they wait "
-        f"in the carry-over. To train every synthetic row: {'; or '.join(fixes)}.")
+        f"; about {sim['untrained']} synthetic rows per epoch cannot be trained within the epoch (the floor "
+        f"leaves room for {room:.0%} synthetic per step, growth is capped by "
+        f"max_growth={collator.max_growth}); they wait in the carry-over. To train every synthetic row: "
+        f"{'; or '.join(fixes)}.")
 
 
 class _UnitStream:
@@ -302,7 +308,8 @@ class MixingCollatorCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs: Any):
         c = self.collator
         accumulation = args.gradient_accumulation_steps
-        per_epoch = len(train_dataloader) if train_dataloader is not None and _has_length(train_dataloader) else None
+        per_epoch = len(train_dataloader) if train_dataloader is not None and _has_length(train_dataloader) \
+            else None
         steps_per_epoch = math.ceil(per_epoch / accumulation) if per_epoch else None
         if per_epoch:
             full, rest = divmod(state.max_steps, steps_per_epoch)
@@ -313,19 +320,20 @@ class MixingCollatorCallback(TrainerCallback):
         expected = 0
         if state.global_step > 0:
             g = state.global_step
-            expected = (g // steps_per_epoch) * per_epoch + (g % steps_per_epoch) * accumulation if per_epoch \
-                else g * accumulation
+            expected = (g // steps_per_epoch) * per_epoch + (g % steps_per_epoch) * accumulation \
+                if per_epoch else g * accumulation
             directory = self._checkpoint_dir(args, state)
             if not c.load(directory):
-                warnings.warn(f"resuming at step {g} but {directory} holds no MixingCollator state: its carry-over "
-                              "and real-stream position restart empty.", stacklevel=2)
+                warnings.warn(f"resuming at step {g} but {directory} holds no MixingCollator state: its "
+                              "carry-over and real-stream position restart empty.", stacklevel=2)
                 c.calls = expected
             elif c.calls != expected:
-                warnings.warn(f"MixingCollator state in {directory} is at micro-batch {c.calls}, training resumes at "
-                              f"{expected}; continuing from {expected}.", stacklevel=2)
+                warnings.warn(f"MixingCollator state in {directory} is at micro-batch {c.calls}, training "
+                              f"resumes at {expected}; continuing from {expected}.", stacklevel=2)
                 c.calls = expected
             if not per_epoch and not args.ignore_data_skip:
-                c.skip_calls = (g % state.max_steps) * accumulation  # an IterableDataset replays skipped batches
+                # an IterableDataset replays skipped batches
+                c.skip_calls = (g % state.max_steps) * accumulation
         self.consumed = c.calls
         c.training = True
         c.paused = bool(getattr(args, "eval_on_start", False))
@@ -362,9 +370,11 @@ class MixingCollatorCallback(TrainerCallback):
         pending = len(c.synthetic_buffer)
         if pending and is_main():
             why = ("training stopped before the end of the epoch" if state.global_step < state.max_steps else
-                   "the floor and max_growth left no room for them within the epoch, as the plan said at the start")
-            logger.warning("MixingCollator: training ended at step %d of %d with %d synthetic rows still in the "
-                           "carry-over (%s); they were not trained.", state.global_step, state.max_steps, pending, why)
+                   "the floor and max_growth left no room for them within the epoch, as the plan said at "
+                   "the start")
+            logger.warning("MixingCollator: training ended at step %d of %d with %d synthetic rows still in "
+                           "the carry-over (%s); they were not trained.",
+                           state.global_step, state.max_steps, pending, why)
 
 
 def _has_length(loader) -> bool:

@@ -64,16 +64,17 @@ STATE_DIRNAME = "collapse_guard"
 _EPS = 1e-9
 
 
-def validate_real_fraction(value: Any, allow_low_real_fraction: bool = False, key: str = "min_real_fraction") -> float:
+def validate_real_fraction(value: Any, allow_low_real_fraction: bool = False,
+                           key: str = "min_real_fraction") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{key} must be a number in [0, 1], got {value!r} ({type(value).__name__}).")
     if math.isnan(value) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{key} must be in [0, 1], got {value}. Use e.g. 0.5 (the default).")
     if value < MIN_SAFE_REAL_FRACTION and not allow_low_real_fraction:
         raise ValueError(
-            f"{key}={value} is below {MIN_SAFE_REAL_FRACTION}: with less than 10% real data, models trained on "
-            "their own output collapse (Shumailov et al. 2024). Raise it, or pass allow_low_real_fraction=True "
-            "if you are studying collapse on purpose."
+            f"{key}={value} is below {MIN_SAFE_REAL_FRACTION}: with less than 10% real data, models trained "
+            "on their own output collapse (Shumailov et al. 2024). Raise it, or pass "
+            "allow_low_real_fraction=True if you are studying collapse on purpose."
         )
     return float(value)
 
@@ -164,15 +165,18 @@ class MixingCollator:
                                        or max_length < 2):
             raise ValueError(f"max_length must be an int >= 2 (tokens per row) or None, got {max_length!r}.")
         if isinstance(max_growth, bool) or not isinstance(max_growth, (int, float)) or not max_growth >= 1.0:
-            raise ValueError(f"max_growth must be a number >= 1 (largest micro-batch / incoming size), got {max_growth!r}.")
+            raise ValueError("max_growth must be a number >= 1 (largest micro-batch / incoming size), got "
+                             f"{max_growth!r}.")
         if base_collator is not None and not callable(base_collator):
             raise TypeError(f"base_collator must be callable, got {type(base_collator).__name__}.")
         if real_dataset is None:
-            raise ValueError("real_dataset is missing: pass a datasets.Dataset (or a list) of human examples.")
+            raise ValueError("real_dataset is missing: pass a datasets.Dataset (or a list) of human "
+                             "examples.")
         real_dataset = as_dataset(real_dataset, "real_dataset")
         self.real_format = require_format(real_dataset, "real_dataset")
         if hasattr(real_dataset, "__len__") and len(real_dataset) == 0:
-            raise ValueError("real_dataset is empty (0 rows): the real-data floor needs at least one human example.")
+            raise ValueError("real_dataset is empty (0 rows): the real-data floor needs at least one human "
+                             "example.")
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", 0) is None and base_collator is None:
             raise ValueError(
                 f"tokenizer {type(tokenizer).__name__} has no pad token (pad_token=None): batches cannot be "
@@ -241,8 +245,8 @@ class MixingCollator:
     def _tokenizer(self):
         if self.tokenizer is None:
             raise ValueError(
-                "MixingCollator needs a tokenizer to tokenize real top-ups: pass tokenizer=... or attach(trainer) "
-                "(it takes the trainer's processing_class)."
+                "MixingCollator needs a tokenizer to tokenize real top-ups: pass tokenizer=... or "
+                "attach(trainer) (it takes the trainer's processing_class)."
             )
         return self.tokenizer
 
@@ -250,7 +254,8 @@ class MixingCollator:
         if self.base_collator is None:
             tok = self._tokenizer()
             if tok.pad_token_id is None:
-                raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token.")
+                raise ValueError("the tokenizer has no pad token: set tokenizer.pad_token = "
+                                 "tokenizer.eos_token.")
             from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
             self.base_collator = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
@@ -298,7 +303,8 @@ class MixingCollator:
     def _filter_synthetic(self, synthetic: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.synthetic_filter is None or not synthetic:
             return synthetic
-        texts = [self._tokenizer().decode(as_list(r["input_ids"]), skip_special_tokens=True) for r in synthetic]
+        texts = [self._tokenizer().decode(as_list(r["input_ids"]), skip_special_tokens=True)
+                 for r in synthetic]
         reasons = self.synthetic_filter(texts)
         if len(reasons) != len(synthetic):
             raise ValueError(f"synthetic_filter returned {len(reasons)} verdicts for {len(synthetic)} texts.")
@@ -355,7 +361,8 @@ class MixingCollator:
         prior = self._prior_share()
         # the share seen so far, shrunk toward the prior while few batches have been seen
         weight = 8.0 * units
-        share = min(1.0, (self.counts["synthetic_units_seen"] + prior * weight) / (self.counts["intake_units"] + weight))
+        share = min(1.0, (self.counts["synthetic_units_seen"] + prior * weight)
+                    / (self.counts["intake_units"] + weight))
         arriving = share * units
         later = remaining - 1
         margin = 2.0 * math.sqrt(later * units * share * (1.0 - share)) + granule
@@ -377,7 +384,8 @@ class MixingCollator:
         return max(incoming, nominal if self.unit == "examples" else 0, self._typical_units)
 
     def _intake(self, real_in: list, synthetic_in: list, units: int, measure: Callable[[list], int]) -> None:
-        """Incoming rows (segments) join the queues: synthetic ones after the filter, none at all when f = 1."""
+        """Incoming rows (segments) join the queues: synthetic ones after the filter, none at all when
+        f = 1."""
         synthetic_in = self._filter_synthetic(synthetic_in)
         self.counts["synthetic_seen"] += len(synthetic_in)
         self.counts["synthetic_units_seen"] += measure(synthetic_in)
@@ -405,7 +413,8 @@ class MixingCollator:
         n_synthetic = min(pending, int(wanted))
         if self.min_real_fraction >= 1.0:
             n_synthetic = 0
-        while n_synthetic > room and n_synthetic + self._real_for_synthetic(done_units, done_real, n_synthetic) > largest:
+        while (n_synthetic > room
+               and n_synthetic + self._real_for_synthetic(done_units, done_real, n_synthetic) > largest):
             n_synthetic -= 1  # growth beyond max_growth: the rest waits for a later micro-batch
         n_real = b - n_synthetic if n_synthetic <= room else self._real_for_synthetic(done_units, done_real,
                                                                                       n_synthetic)
@@ -436,9 +445,11 @@ class MixingCollator:
         for row in rows:
             segments = split_row(row)
             incoming_tokens += sum(len(s["input_ids"]) for s in segments)
-            for seg, source in zip(segments, self._segment_sources(segments, source_of_example(row)), strict=True):
+            for seg, source in zip(segments, self._segment_sources(segments, source_of_example(row)),
+                                   strict=True):
                 (real_in if source == REAL else synthetic_in).append(seg)
-        self._intake(real_in, synthetic_in, incoming_tokens, lambda segs: sum(len(x["input_ids"]) for x in segs))
+        self._intake(real_in, synthetic_in, incoming_tokens,
+                     lambda segs: sum(len(x["input_ids"]) for x in segs))
         done_units, done_real = self._begin_micro_batch()
         room = incoming_tokens - self._real_needed(done_units, done_real, incoming_tokens)
         remaining = self._remaining()
@@ -447,8 +458,8 @@ class MixingCollator:
         f = self.min_real_fraction
         granule = max((len(s["input_ids"]) for s in self.synthetic_buffer), default=1)
         allowance = max(room + self._drain("synthetic", pending - room, remaining),
-                        self._must_serve(pending, remaining, (1.0 - f) * largest, self._nominal(incoming_tokens),
-                                         granule))
+                        self._must_serve(pending, remaining, (1.0 - f) * largest,
+                                         self._nominal(incoming_tokens), granule))
         # S + real_for(S) <= largest  <=>  S <= largest (1 - f) - f done + done_real
         allowance = min(allowance, largest * (1.0 - f) - f * done_units + done_real)
         chosen = self._take_synthetic(allowance)
@@ -464,7 +475,8 @@ class MixingCollator:
             real_segments.append(seg)
             real_tokens += len(seg["input_ids"])
         if packed:
-            out, top_up, real_tokens = self._pack(chosen, real_segments, real_tokens, real_target, len(rows), like)
+            out, top_up, real_tokens = self._pack(chosen, real_segments, real_tokens, real_target, len(rows),
+                                                  like)
         else:
             out = [*real_segments, *chosen]
             top_up = 0
@@ -474,8 +486,8 @@ class MixingCollator:
                 real_tokens += len(seg["input_ids"])
                 top_up += 1
         self._account(units=real_tokens + synthetic_tokens, real=real_tokens, incoming=incoming_tokens,
-                      top_up=top_up, synthetic=len(chosen), grown=len(out) > len(rows), real_tokens=real_tokens,
-                      synthetic_tokens=synthetic_tokens)
+                      top_up=top_up, synthetic=len(chosen), grown=len(out) > len(rows),
+                      real_tokens=real_tokens, synthetic_tokens=synthetic_tokens)
         return out
 
     def _take_synthetic(self, allowance: float) -> list[dict[str, list]]:
@@ -553,7 +565,8 @@ class MixingCollator:
         base = self._ensure_base()
         if not features or self.paused or (self.attached and not self.training) or self.skip_calls > 0:
             if self.skip_calls > 0 and self.training:
-                self.skip_calls -= 1  # a resumed IterableDataset replays batches the checkpoint already covers
+                # a resumed IterableDataset replays batches the checkpoint already covers
+                self.skip_calls -= 1
             return base(self._strip([dict(f) for f in features]))
         rows = [dict(f) for f in features]
         if self.calls == 0:
@@ -561,14 +574,14 @@ class MixingCollator:
                 check_row_keys(row)
             if self.unit == "examples" and any("seq_lengths" in r for r in rows):
                 raise ValueError(
-                    "MixingCollator(unit='examples') got packed rows (seq_lengths): with packing the floor must "
-                    "count tokens. Use MixingCollator(..., unit='tokens')."
+                    "MixingCollator(unit='examples') got packed rows (seq_lengths): with packing the floor "
+                    "must count tokens. Use MixingCollator(..., unit='tokens')."
                 )
             if self.plan_ is None:
-                self._warn_once("unplanned", "MixingCollator is mixing batches but was not attached to a Trainer "
-                                "(collator.attach(trainer)) nor given a plan (collator.plan(...)): it cannot flush "
-                                "its carry-over at the end of an epoch, nor checkpoint its state. Attach it, or "
-                                "call drain() at the end of your own training loop.")
+                self._warn_once("unplanned", "MixingCollator is mixing batches but was not attached to a "
+                                "Trainer (collator.attach(trainer)) nor given a plan (collator.plan(...)): "
+                                "it cannot flush its carry-over at the end of an epoch, nor checkpoint its "
+                                "state. Attach it, or call drain() at the end of your own training loop.")
         self._longest_row = max([self._longest_row, *(len(r["input_ids"]) for r in rows)])
         mixed = self._mix_examples(rows) if self.unit == "examples" else self._mix_tokens(rows)
         self.calls += 1
@@ -589,7 +602,8 @@ class MixingCollator:
             expected = comp.get(REAL, 0) / total * seen if total else 0.0
             if expected < 10:
                 return
-            holds = f" although the training set holds {comp[REAL]} real rows ({expected:.0f} expected so far)"
+            holds = (f" although the training set holds {comp[REAL]} real rows ({expected:.0f} expected "
+                     "so far)")
         elif seen < 200:
             return
         else:
@@ -597,11 +611,11 @@ class MixingCollator:
         origin = self.index.origin if self.index is not None else "real-pool fingerprints"
         self._warn_once(
             "recognition",
-            f"MixingCollator recognised no real row among the first {seen} rows{holds} (recognition by: {origin}). "
-            "Real rows in the training set are counted as synthetic and the floor is met with extra real top-ups "
-            "instead. Likely cause: your rows are tokenized differently from the real pool (EOS/BOS, truncation, "
-            "chat template). Fix: keep the 'provenance' column in the training set (mix_datasets adds it) and "
-            "attach the collator to the trainer (collator.attach(trainer)).",
+            f"MixingCollator recognised no real row among the first {seen} rows{holds} (recognition by: "
+            f"{origin}). Real rows in the training set are counted as synthetic and the floor is met with "
+            "extra real top-ups instead. Likely cause: your rows are tokenized differently from the real "
+            "pool (EOS/BOS, truncation, chat template). Fix: keep the 'provenance' column in the training "
+            "set (mix_datasets adds it) and attach the collator to the trainer (collator.attach(trainer)).",
         )
 
     def _warn_once(self, key: str, message: str) -> None:
@@ -699,7 +713,8 @@ class MixingCollator:
                 return self._serializable(snapshot)
         if calls == self.calls:
             return self.state_dict()
-        raise KeyError(f"no MixingCollator snapshot after micro-batch {calls} (have {[n for n, _ in self._snapshots]}).")
+        raise KeyError(f"no MixingCollator snapshot after micro-batch {calls} (have "
+                       f"{[n for n, _ in self._snapshots]}).")
 
     def save(self, directory: str | os.PathLike, calls: int | None = None) -> str:
         state = self.state_dict() if calls is None else self.state_at(calls)

@@ -89,7 +89,8 @@ def mix_datasets(
     if len(synthetic) and real is not None:
         fmt = check_same_format(real, synthetic)
     else:
-        fmt = require_format(synthetic if len(synthetic) else real, "synthetic data" if len(synthetic) else "real data")
+        fmt = require_format(synthetic if len(synthetic) else real,
+                             "synthetic data" if len(synthetic) else "real data")
     keep = [c for c in TEXT_COLUMNS if c in column_names(synthetic if len(synthetic) else real)]
     keep = [c for c in keep if fmt != "text" or c == "text"] + [PROVENANCE_COLUMN]
     assert fmt in FORMATS

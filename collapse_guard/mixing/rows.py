@@ -29,7 +29,8 @@ CACHE_VERSION = 1
 class RowFormat:
     """The trainer's tokenization conventions."""
 
-    max_length: int | None = field(default=None, metadata={"help": "Rows are cut to this many tokens (None: not)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Rows are cut to this many tokens (None: not)."})
     truncation_mode: Literal["keep_start", "keep_end"] = field(default="keep_start", metadata={
         "help": "Which end truncation keeps (SFTConfig.truncation_mode)."})
     add_eos: bool = field(default=True, metadata={"help": "Text rows end with EOS (SFTTrainer appends it)."})
@@ -61,7 +62,8 @@ class RowFormat:
         rows = [list(r) for r in rows if len(r)]
         eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
         ends_with_eos = sum(r[-1] == eos for r in rows) * 2 > len(rows) if rows and eos is not None else False
-        starts_with_bos = sum(r[0] == bos for r in rows) * 2 > len(rows) if rows and bos is not None else False
+        starts_with_bos = sum(r[0] == bos for r in rows) * 2 > len(rows) if rows and bos is not None \
+            else False
         longest = max((len(r) for r in rows), default=None)
         return cls(max_length=max_length or longest, add_eos=ends_with_eos, add_bos=starts_with_bos)
 
@@ -108,7 +110,8 @@ def tokenize_row(example: dict[str, Any], tokenizer, fmt: RowFormat = RowFormat(
         labels = list(example["labels"]) if example.get("labels") is not None else list(ids)
     elif "messages" in example:
         ids, mask = _chat_ids(tokenizer, example["messages"], assistant_mask=fmt.assistant_only_loss)
-        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)] if mask is not None else list(ids)
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)] if mask is not None \
+            else list(ids)
     elif "prompt" in example and "completion" in example:
         prompt, completion = example["prompt"], example["completion"]
         if isinstance(prompt, list):
@@ -130,7 +133,8 @@ def tokenize_row(example: dict[str, Any], tokenizer, fmt: RowFormat = RowFormat(
             "'prompt'+'completion' or 'input_ids'."
         )
     if fmt.max_length is not None and len(ids) > fmt.max_length:
-        cut = slice(None, fmt.max_length) if fmt.truncation_mode == "keep_start" else slice(-fmt.max_length, None)
+        cut = slice(None, fmt.max_length) if fmt.truncation_mode == "keep_start" \
+            else slice(-fmt.max_length, None)
         ids, labels = ids[cut], labels[cut]
     return {"input_ids": ids, "labels": labels}
 
@@ -167,8 +171,8 @@ def _cache_key(dataset, tokenizer, fmt: RowFormat) -> str | None:
         return None
     vocab = getattr(tokenizer, "vocab_size", None)
     template = getattr(tokenizer, "chat_template", None) or ""
-    parts = [CACHE_VERSION, fingerprint, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), vocab,
-             len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, template, repr(fmt)]
+    parts = [CACHE_VERSION, fingerprint, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
+             vocab, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, template, repr(fmt)]
     return hashlib.sha1(repr(parts).encode()).hexdigest()[:24]
 
 
@@ -199,14 +203,16 @@ def real_pool_index(dataset, tokenizer, fmt: RowFormat, batch_size: int = 2000) 
             parts += arrow_fingerprints(table[start: start + 50_000]["input_ids"], bos, eos, fmt.truncations,
                                         keep_end=fmt.truncation_mode == "keep_end")
     else:
-        iterator = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") else _batches(dataset, batch_size)
+        iterator = dataset.iter(batch_size=batch_size) if hasattr(dataset, "iter") \
+            else _batches(dataset, batch_size)
         for batch in iterator:
             ids = _token_ids_batch(batch, tokenizer, fmt)
             parts.append(fingerprints(ids, bos, eos))
             for cut in fmt.truncations:
                 long = [x for x in ids if len(x) > cut]
                 if long:
-                    parts.append(fingerprints(long, bos, eos, cut, keep_end=fmt.truncation_mode == "keep_end"))
+                    parts.append(fingerprints(long, bos, eos, cut,
+                                              keep_end=fmt.truncation_mode == "keep_end"))
     keys = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

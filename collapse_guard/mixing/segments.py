@@ -35,9 +35,9 @@ def check_row_keys(row: dict[str, Any]) -> None:
     """Refuses batch rows that a real top-up could not imitate (before any batch is mixed)."""
     if "input_ids" not in row:
         raise ValueError(
-            f"MixingCollator got a row with keys {sorted(row)} and no 'input_ids'. It mixes tokenized SFT rows "
-            "(as SFTTrainer and a tokenized Trainer dataset feed them); preference pairs (chosen/rejected) and "
-            "untokenized rows are not supported."
+            f"MixingCollator got a row with keys {sorted(row)} and no 'input_ids'. It mixes tokenized SFT "
+            "rows (as SFTTrainer and a tokenized Trainer dataset feed them); preference pairs "
+            "(chosen/rejected) and untokenized rows are not supported."
         )
     unknown = [k for k in token_keys(row) if k not in ("input_ids", "labels", *_DERIVED)]
     if unknown:

@@ -68,9 +68,13 @@ class SelectionPolicy:
     )
     group_column: str | None = field(
         default=None,
-        metadata={"help": "Column that defines the groups for best_of_n; default: the prompt text of each row."},
+        metadata={"help": "Column that defines the groups for best_of_n; default: the prompt text of each "
+                          "row."},
     )
-    higher_is_better: bool = field(default=True, metadata={"help": "Whether a larger score is a better sample."})
+    higher_is_better: bool = field(
+        default=True,
+        metadata={"help": "Whether a larger score is a better sample."},
+    )
 
     def __post_init__(self):
         if self.threshold is not None and (not _is_number(self.threshold) or math.isnan(self.threshold)):
@@ -80,10 +84,13 @@ class SelectionPolicy:
             )
         for name in ("top_k", "best_of_n"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                                      or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
-        if self.top_fraction is not None and (not _is_number(self.top_fraction) or not 0 < self.top_fraction <= 1):
-            raise ValueError(f"top_fraction must be a number in (0, 1], got {self.top_fraction!r}. Use e.g. 0.5.")
+        if self.top_fraction is not None and (not _is_number(self.top_fraction)
+                                              or not 0 < self.top_fraction <= 1):
+            raise ValueError(f"top_fraction must be a number in (0, 1], got {self.top_fraction!r}. "
+                             "Use e.g. 0.5.")
 
     @property
     def is_empty(self) -> bool:
@@ -105,7 +112,8 @@ def _as_dataset(data: Any):
 
 
 def _json_row(row: dict[str, Any]) -> str:
-    return json.dumps(row, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v), ensure_ascii=False)
+    return json.dumps(row, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v),
+                      ensure_ascii=False)
 
 
 def write_rejects(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
@@ -149,10 +157,12 @@ class Selector:
         is_scorer = type(self).score is not Selector.score
         is_filter = type(self).keep is not Selector.keep
         if is_scorer == is_filter:
-            raise TypeError(f"{type(self).__name__} must implement exactly one of score(batch) or keep(batch).")
+            raise TypeError(f"{type(self).__name__} must implement exactly one of "
+                            "score(batch) or keep(batch).")
         self.is_filter = is_filter
         self.name = name or _snake(type(self).__name__)
-        self.policy = SelectionPolicy(threshold, top_k, top_fraction, best_of_n, group_column, higher_is_better)
+        self.policy = SelectionPolicy(threshold, top_k, top_fraction, best_of_n, group_column,
+                                      higher_is_better)
         self.batch_size = batch_size
         self.target = target
         self.rejects_path = rejects_path
@@ -203,7 +213,8 @@ class Selector:
         if limit < len(alive):
             ranked = sorted(alive, key=lambda i: (-sign * scores[i], i))
             for i in ranked[limit:]:
-                reasons[i] = "not_top_k" if policy.top_k is not None and limit == policy.top_k else "not_top_fraction"
+                reasons[i] = "not_top_k" if policy.top_k is not None and limit == policy.top_k \
+                    else "not_top_fraction"
         return reasons
 
     # ----- text helpers -----------------------------------------------------------------------------
@@ -239,8 +250,8 @@ class Selector:
             )
         if not self.is_filter and self.policy.is_empty and type(self).decide is Selector.decide:
             raise ValueError(
-                f"{self.name}: no keep rule given (threshold, top_k, top_fraction and best_of_n are all None), "
-                "so every row would be kept. Pass one, e.g. threshold=0.0 or top_fraction=0.5."
+                f"{self.name}: no keep rule given (threshold, top_k, top_fraction and best_of_n are all "
+                "None), so every row would be kept. Pass one, e.g. threshold=0.0 or top_fraction=0.5."
             )
         self.validate(dataset)
 
@@ -366,7 +377,8 @@ class SelectionPipeline:
                 raise TypeError(f"SelectionPipeline takes Selector instances, got {type(s).__name__}.")
         names = [s.name for s in selectors]
         if len(set(names)) != len(names):
-            raise ValueError(f"selector names must be unique within a pipeline, got {names}; pass name=... to one.")
+            raise ValueError(f"selector names must be unique within a pipeline, got {names}; "
+                             "pass name=... to one.")
         self.selectors = selectors
         self.rejects_path = rejects_path
         self.report: dict[str, Any] = {}
@@ -378,8 +390,8 @@ class SelectionPipeline:
         steps, rejects = [], []
         for selector in self.selectors:
             if len(dataset) == 0:
-                steps.append({"name": selector.name, "selector": type(selector).__name__, "input": 0, "kept": 0,
-                              "dropped": 0, "reasons": {}, "skipped": "no rows left"})
+                steps.append({"name": selector.name, "selector": type(selector).__name__, "input": 0,
+                              "kept": 0, "dropped": 0, "reasons": {}, "skipped": "no rows left"})
                 continue
             dataset = selector(dataset)
             steps.append(selector.report)

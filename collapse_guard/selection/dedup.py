@@ -92,7 +92,8 @@ class ShingleMinHasher:
     def _chunk(self, docs: list[list[str]]) -> np.ndarray:
         k = self.shingle_size
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        words = np.fromiter((h for d in docs for h in self._ids(d)), dtype=np.uint64, count=int(lengths.sum()))
+        words = np.fromiter((h for d in docs for h in self._ids(d)), dtype=np.uint64,
+                            count=int(lengths.sum()))
         words = np.concatenate([words, np.zeros(k, dtype=np.uint64)])  # room for the last window
         doc_start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         n_shingles = np.maximum(lengths - k + 1, 1)
@@ -150,7 +151,8 @@ class DedupSelector(Selector):
         kwargs.setdefault("batch_size", 4096)
         super().__init__(**kwargs)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-            raise ValueError(f"threshold must be a Jaccard similarity in (0, 1], got {threshold!r}. Use e.g. 0.8.")
+            raise ValueError(f"threshold must be a Jaccard similarity in (0, 1], got {threshold!r}. "
+                             "Use e.g. 0.8.")
         if not isinstance(shingle_size, int) or shingle_size < 1:
             raise ValueError(f"shingle_size must be a positive integer, got {shingle_size!r}.")
         if not (exact or near):
@@ -162,7 +164,8 @@ class DedupSelector(Selector):
         self.num_perm = num_perm
         self.exact = exact
         self.near = near
-        self._hasher = ShingleMinHasher(num_perm, shingle_size) if near else None  # datasketch only when needed
+        # datasketch only when needed
+        self._hasher = ShingleMinHasher(num_perm, shingle_size) if near else None
         self._real_hashes: set[bytes] = set()
         self._real_lsh = None
         if real_texts is not None:
@@ -241,7 +244,8 @@ class ContaminationFilter(Selector):
         if not eval_texts:
             raise ValueError("eval_texts is empty: pass the benchmark / held-out texts to protect.")
         if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer (words per n-gram), got {n!r}. 13 is the standard.")
+            raise ValueError(f"n must be a positive integer (words per n-gram), got {n!r}. "
+                             "13 is the standard.")
         if not isinstance(min_overlap, int) or min_overlap < 1:
             raise ValueError(f"min_overlap must be a positive integer, got {min_overlap!r}.")
         self.n = n

@@ -72,20 +72,25 @@ class PerplexitySelector(Selector):
         kwargs.setdefault("higher_is_better", False)
         super().__init__(**kwargs)
         if (human_texts is None) == (human_perplexities is None):
-            raise ValueError("pass exactly one of human_texts=[...] (scored here) or human_perplexities=[...].")
+            raise ValueError("pass exactly one of human_texts=[...] (scored here) or "
+                             "human_perplexities=[...].")
         if human_texts is not None and (isinstance(human_texts, str) or len(human_texts) == 0):
             raise ValueError(f"human_texts must be a non-empty list of strings, got {human_texts!r:.80}.")
         for name, value in (("low_percentile", low_percentile), ("high_percentile", high_percentile)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value <= 100):
                 raise ValueError(f"{name} must be a number in [0, 100] or None, got {value!r}.")
         if low_percentile is None and high_percentile is None:
-            raise ValueError("low_percentile and high_percentile are both None: nothing would ever be dropped.")
+            raise ValueError("low_percentile and high_percentile are both None: "
+                             "nothing would ever be dropped.")
         if low_percentile is not None and high_percentile is not None and low_percentile >= high_percentile:
-            raise ValueError(f"low_percentile={low_percentile} must be below high_percentile={high_percentile}.")
+            raise ValueError(f"low_percentile={low_percentile} must be below "
+                             f"high_percentile={high_percentile}.")
         self.model = model
         self.tokenizer = tokenizer
         self.human_texts = list(human_texts) if human_texts is not None else None
-        self._human_ppl = None if human_perplexities is None else np.asarray(human_perplexities, dtype=np.float64)
+        self._human_ppl = None if human_perplexities is None \
+            else np.asarray(human_perplexities, dtype=np.float64)
         self.low_percentile = low_percentile
         self.high_percentile = high_percentile
         self.context_length = context_length
@@ -97,7 +102,8 @@ class PerplexitySelector(Selector):
     def _perplexities(self, texts: list[str]) -> list[float]:
         from collapse_guard.metrics.perplexity import document_perplexities
 
-        return document_perplexities(self.model, self.tokenizer, texts, self.context_length, self.max_batch_tokens)
+        return document_perplexities(self.model, self.tokenizer, texts, self.context_length,
+                                     self.max_batch_tokens)
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -106,9 +112,12 @@ class PerplexitySelector(Selector):
             self._human_ppl = np.asarray(self._perplexities(self.human_texts), dtype=np.float64)
         finite = self._human_ppl[np.isfinite(self._human_ppl)]
         if finite.size == 0:
-            raise ValueError("no human text had a finite perplexity (all shorter than 2 tokens?); pass longer texts.")
-        low = float(np.percentile(finite, self.low_percentile)) if self.low_percentile is not None else -math.inf
-        high = float(np.percentile(finite, self.high_percentile)) if self.high_percentile is not None else math.inf
+            raise ValueError("no human text had a finite perplexity (all shorter than 2 tokens?); pass "
+                             "longer texts.")
+        low = float(np.percentile(finite, self.low_percentile)) if self.low_percentile is not None \
+            else -math.inf
+        high = float(np.percentile(finite, self.high_percentile)) if self.high_percentile is not None \
+            else math.inf
         return low, high
 
     def validate(self, dataset) -> None:

@@ -41,18 +41,19 @@ def check_reward_model(model, label_index: int | None) -> int:
 
     base = _base_model(model)
     cls = type(base).__name__
-    if not (cls.endswith("ForSequenceClassification") or cls in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()):
+    if not (cls.endswith("ForSequenceClassification")
+            or cls in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()):
         raise TypeError(
-            f"model is a {cls}, which has no sequence-classification (reward) head. Load the reward model with "
-            "AutoModelForSequenceClassification.from_pretrained(path, num_labels=1) (a plain causal LM cannot "
-            "score samples; use PerplexitySelector for that)."
+            f"model is a {cls}, which has no sequence-classification (reward) head. Load the reward model "
+            "with AutoModelForSequenceClassification.from_pretrained(path, num_labels=1) (a plain causal LM "
+            "cannot score samples; use PerplexitySelector for that)."
         )
     num_labels = int(getattr(base.config, "num_labels", 1))
     if label_index is None:
         if num_labels != 1:
             raise ValueError(
-                f"the reward model has num_labels={num_labels}; pass label_index=... to pick the logit that is the "
-                "reward (e.g. label_index=1 for the 'good' class of a 2-class classifier)."
+                f"the reward model has num_labels={num_labels}; pass label_index=... to pick the logit that "
+                "is the reward (e.g. label_index=1 for the 'good' class of a 2-class classifier)."
             )
         return 0
     if isinstance(label_index, bool) or not isinstance(label_index, int) or not 0 <= label_index < num_labels:

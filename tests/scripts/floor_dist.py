@@ -33,13 +33,16 @@ def main(out: str) -> None:
     tok = tiny_tokenizer()
     real = Dataset.from_dict({"text": human_like_sentences(64, seed=1)})
     synthetic = Dataset.from_dict({"text": degenerate_sentences(64)})
-    args = SFTConfig(out, max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
-                     bf16=False, save_strategy="no", disable_tqdm=True, max_length=32, ddp_backend="gloo", seed=0)
+    args = SFTConfig(out, max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                     use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, max_length=32,
+                     ddp_backend="gloo", seed=0)
     trainer = SFTTrainer(model=tiny_causal_lm(tok), args=args, processing_class=tok,
-                         train_dataset=mix_datasets(real, synthetic, mode="accumulate", min_real_fraction=0.3))
+                         train_dataset=mix_datasets(real, synthetic, mode="accumulate",
+                                                    min_real_fraction=0.3))
     collator = MixingCollator(real_dataset=real, min_real_fraction=0.1, allow_low_real_fraction=True)
     # a hair-trigger warn: any rise of held-out ppl (all-reduced, so identical on both ranks) raises the floor
-    detector = DetectorConfig(ppl_ratio_warn=1.0, ppl_ratio_alarm=50.0, ppl_rises_warn=0, diversity_signals=())
+    detector = DetectorConfig(ppl_ratio_warn=1.0, ppl_ratio_alarm=50.0, ppl_rises_warn=0,
+                              diversity_signals=())
     guard = CollapseGuardCallback(human_like_sentences(9, seed=9), collator=collator,
                                   probe=ProbeConfig(context_length=32), detector=detector,
                                   config=GuardConfig(eval_steps=2, cost_budget=None),
@@ -49,7 +52,8 @@ def main(out: str) -> None:
     trainer.train()
     rank = torch.distributed.get_rank()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
-        json.dump({"floors": [[e["step"], e["floor"]] for e in guard.history.entries], "applied": applied.seen}, fh)
+        json.dump({"floors": [[e["step"], e["floor"]] for e in guard.history.entries],
+                   "applied": applied.seen}, fh)
 
 
 if __name__ == "__main__":

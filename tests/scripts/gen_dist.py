@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from collapse_guard.generation import ContinuationConfig, ContinuationGenerator, MagpieConfig, MagpieGenerator
 from collapse_guard.testing import human_like_sentences
 
-MAGPIE = {"instruction_max_new_tokens": 24, "response_max_new_tokens": 24, "batch_size": 2, "show_progress": False,
-          "backend": "transformers"}
+MAGPIE = {"instruction_max_new_tokens": 24, "response_max_new_tokens": 24, "batch_size": 2,
+          "show_progress": False, "backend": "transformers"}
 CONTINUATION = {"prefix_tokens": 4, "max_new_tokens": 6, "batch_size": 2, "decoding": "sample",
                 "show_progress": False, "backend": "transformers"}
 N_MAGPIE, N_TEXTS, SEED = 6, 5, 3

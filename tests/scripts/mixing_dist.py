@@ -1,4 +1,5 @@
-"""Run under 2 processes: the floor per optimizer step on every rank, each synthetic row fed once across ranks.
+"""Run under 2 processes: the floor per optimizer step on every rank, each synthetic row fed once across
+ranks.
 
 accelerate launch --multi_gpu --num_processes 2 tests/scripts/mixing_dist.py OUT_DIR
 """

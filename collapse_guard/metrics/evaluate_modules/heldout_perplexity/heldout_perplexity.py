@@ -19,7 +19,8 @@ import evaluate
 
 from collapse_guard.metrics.perplexity import HeldoutPerplexity
 
-_DESCRIPTION = """Corpus perplexity exp(sum NLL / sum predicted tokens) of a causal LM on a fixed set of texts,
+_DESCRIPTION = """Corpus perplexity exp(sum NLL / sum predicted tokens) of a causal LM on a fixed set of \
+texts,
 at a fixed context: non-overlapping blocks of `context_length` tokens, or sliding windows advancing by
 `stride` where only new tokens are scored. Length-bucketed batches, chunked cross-entropy (no full
 [B, L, V] logits), works on PEFT/DDP/FSDP-wrapped models and all-reduces the sums under torch.distributed
