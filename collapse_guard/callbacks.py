@@ -181,8 +181,12 @@ class CollapseGuardCallback(TrainerCallback):
         return self.config.history_path or os.path.join(args.output_dir, FILENAME)
 
     # ----- measuring and deciding -------------------------------------------------------------------------
-    def _due(self, step: int, final: bool) -> bool:
-        """Whether to measure at `step`: spacing, then the cost budget (rank 0 decides for every rank)."""
+    def _due(self, step: int, final: bool, max_steps: int = 0) -> bool:
+        """Whether to measure at `step`: spacing, then the cost budget (rank 0 decides for every rank).
+
+        A due measurement is taken only if it and the final one (always taken) fit in the budget's share of
+        the whole job, its length projected from the steps so far.
+        """
         if step == self._last_measured:
             return False
         if final or step == self._recheck_at:
@@ -196,8 +200,9 @@ class CollapseGuardCallback(TrainerCallback):
         trained = (time.perf_counter() - self._train["started"] - self.spent["seconds"]) \
             if unit == "seconds" else 3.0 * self._train["tokens"]
         next_cost = self.spent[unit] / self.spent["measurements"]
-        return bool(broadcast(self.spent[unit] + next_cost
-                              <= budget * (trained + self.spent[unit] + next_cost)))
+        projected = trained * max(1.0, max_steps / step) if step > 0 else trained
+        planned = self.spent[unit] + 2 * next_cost  # this one and the final one
+        return bool(broadcast(planned <= budget * (projected + planned)))
 
     def measure(self, model, step: int, final: bool = False) -> dict[str, Any]:
         """Measures `model` now (collective), judges the history and records the entry."""
@@ -249,6 +254,20 @@ class CollapseGuardCallback(TrainerCallback):
         values[LOG_PREFIX + "level"] = float(LEVELS.index(entry.get("level", "ok")))
         values[LOG_PREFIX + "cost_share"] = self.cost_share()
         return values
+
+    def _warn_if_over_budget(self) -> None:
+        """The first and the final measurement are never skipped: on a job too short for them, say so."""
+        budget, share = self.config.cost_budget, self.cost_share()
+        if budget is None or share <= budget or not is_main():
+            return
+        unit = "seconds" if self.config.budget_unit == "time" else "tokens"
+        each = self.spent[unit] / max(self.spent["measurements"], 1)
+        logger.warning(
+            "collapse guard: it took %.1f%% of this training run, over its cost_budget of %.1f%%: %d "
+            "measurement(s) of about %.3g %s each, and the first and the final one are always taken. The job "
+            "needs about %.3g %s of training for those two to fit the budget; or make a measurement cheaper "
+            "(ProbeConfig: fewer heldout texts, n_prompts, max_new_tokens, a shorter context_length).",
+            100 * share, 100 * budget, self.spent["measurements"], each, unit, 2 * each / budget, unit)
 
     def cost_share(self) -> float:
         """What the guard spent as a share of the run so far (its budget unit)."""
@@ -347,7 +366,7 @@ class CollapseGuardCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         final = state.global_step >= state.max_steps
-        if (self._due(state.global_step, final)
+        if (self._due(state.global_step, final, state.max_steps)
                 or control.should_evaluate and state.global_step != self._last_measured):
             self.measure(model, state.global_step, final=final)
             self._stop_if_alarm(control, state.global_step)
@@ -431,6 +450,7 @@ class CollapseGuardCallback(TrainerCallback):
         else:
             self.history.at(self.config.round_index, state.global_step)["final"] = True
         self._save(state)
+        self._warn_if_over_budget()
         if self._pending_logs and self.trainer is not None:
             self.trainer.log(dict(self._pending_logs))  # reaches every report_to backend before they close
             self._pending_logs.clear()

@@ -137,14 +137,26 @@ def test_cost_budget_keeps_the_guard_under_its_share_in_forward_tokens(model, to
     assert 2 < len(steps) < 31  # it measured, but far less often than every step
     assert steps[0] == 0 and steps[-1] == 30  # the baseline and the final verdict are always taken
     training = 3 * guard._train["tokens"]
-    # between the baseline and the final measurement (both unconditional) the budget holds
-    interim = guard.spent["tokens"] * (len(steps) - 2) / len(steps)
-    assert interim <= 0.25 * (training + interim)
+    # the whole guard, baseline and final measurement included, stays within its share of the job
+    assert guard.spent["tokens"] <= 0.25 * (training + guard.spent["tokens"])
+    assert guard.cost_share() <= 0.25
     unbounded = guard_for(eval_steps=1, prompts=PROMPTS, stop_training_on_alarm=False)
     trainer = make_trainer(model, tokenizer, human_like_sentences(400, seed=3), tmp_path / "b", max_steps=6)
     unbounded.attach(trainer)
     trainer.train()
     assert [e["step"] for e in unbounded.history.entries] == list(range(7))
+
+
+def test_a_job_too_short_for_the_budget_says_so(model, tokenizer, tmp_path, caplog):
+    guard = guard_for(eval_steps=1, prompts=PROMPTS, budget=0.01, budget_unit="tokens",
+                      stop_training_on_alarm=False)
+    trainer = make_trainer(model, tokenizer, human_like_sentences(400, seed=3), tmp_path, max_steps=4)
+    guard.attach(trainer)
+    with caplog.at_level("WARNING", logger="collapse_guard"):
+        trainer.train()
+    assert [e["step"] for e in guard.history.entries] == [0, 4]  # nothing between the two fixed ones
+    assert guard.cost_share() > 0.01
+    assert "over its cost_budget of 1.0%" in caplog.text and "first and the final one" in caplog.text
 
 
 def test_early_stopping_on_heldout_ppl(model, tokenizer, tmp_path):
