@@ -490,11 +490,12 @@ def gpu_estimate(smollm2: dict | None, tiny: dict | None) -> dict | None:
     for steps in a["run_steps"]:
         train_s = steps * a["optimizer_step_s"]
         no_budget_n = steps // a["eval_steps"] + 1  # the start, every eval_steps, the end
-        # with the budget (GuardConfig._due): due when spent + next <= budget x (trained + spent + next)
+        # with the budget (GuardConfig._due): due when this one and the final one fit the budget's share of
+        # the projected job: spent + 2 next <= budget x (projected training + spent + 2 next)
         n, spent = 1, per_measurement
-        for step in range(a["eval_steps"], steps, a["eval_steps"]):
-            trained = step * a["optimizer_step_s"]
-            if spent + per_measurement <= a["cost_budget"] * (trained + spent + per_measurement):
+        for _step in range(a["eval_steps"], steps, a["eval_steps"]):
+            planned = spent + 2 * per_measurement
+            if planned <= a["cost_budget"] * (train_s + planned):
                 n += 1
                 spent += per_measurement
         n += 1
