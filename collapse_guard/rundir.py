@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,7 @@ class RunLock:
         try:
             fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "another process"
+            holder = self._read_holder()
             self._fh.close()
             self._fh = None
             raise RunFolderError(f"output_dir {str(self.folder)!r} is in use by {holder}. Wait for that run "
@@ -56,6 +56,17 @@ class RunLock:
                        f"({' '.join(sys.argv)[:200]})")
         self._fh.flush()
         return self
+
+    def _read_holder(self, wait_s: float = 2.0) -> str:
+        # The holder writes its name just after taking the lock; a refused process that arrives inside that
+        # window would otherwise name nobody, so it waits briefly for the name to appear.
+        deadline = time.monotonic() + wait_s
+        while True:
+            self._fh.seek(0)
+            holder = self._fh.read().strip()
+            if holder or time.monotonic() > deadline:
+                return holder or "another process"
+            time.sleep(0.05)
 
     def __exit__(self, *exc: Any) -> None:
         if self._fh is not None:
