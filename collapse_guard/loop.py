@@ -25,6 +25,8 @@ print(summary["stopped"])
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import os
@@ -65,6 +67,8 @@ class RunContext:
     history: History
     progress: Progress
     cache: dict[str, Any] = field(default_factory=dict)
+    # shared by the runs of one recipe (one process): round 0's model and measurement, when they agree
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def round_dir(self, r: int) -> Path:
         return self.run_dir / f"round_{r}"
@@ -74,9 +78,16 @@ class RunContext:
 
     def reference_model(self):
         """Round 0's model, frozen (selection bands, perplexity of generated text); loaded once."""
-        if "reference" not in self.cache:
-            self.cache["reference"] = load_model(self.base_model_dir, self.config.model.dtype)
-        return self.cache["reference"]
+        key = f"reference:{self.base_model_dir}:{self.config.model.dtype}"
+        if key not in self.shared:
+            self.shared[key] = load_model(self.base_model_dir, self.config.model.dtype)
+        return self.shared[key]
+
+    def round0_key(self) -> str:
+        """What round 0's measurement depends on; runs of a recipe that agree on it measure it once."""
+        c = to_dict(self.config)
+        return json.dumps({"model": str(self.base_model_dir), "dtype": c["model"]["dtype"], "data": c["data"],
+                           "evaluation": c["evaluation"], "seed": c["seed"]}, sort_keys=True, default=str)
 
 
 class Progress:
@@ -185,7 +196,8 @@ def _prepare_base_model(config: LoopConfig, run_dir: Path) -> Path:
     return Path(snapshot_download(name))
 
 
-def _make_context(config: LoopConfig, state: RunState, run_dir: Path) -> RunContext:
+def _make_context(config: LoopConfig, state: RunState, run_dir: Path,
+                  shared: dict[str, Any] | None = None) -> RunContext:
     from collapse_guard.data import load_source, texts_of
 
     progress = Progress(config.name, config.rounds)
@@ -201,7 +213,7 @@ def _make_context(config: LoopConfig, state: RunState, run_dir: Path) -> RunCont
         config=config, run_dir=run_dir, state=state, tokenizer=load_tokenizer(base_dir),
         base_model_dir=base_dir, real=real, heldout_texts=heldout_texts,
         eval_prompts=heldout_texts[: config.evaluation.get("n_prompts", 32)], extra_heldout=extra,
-        history=history, progress=progress,
+        history=history, progress=progress, shared=shared if shared is not None else {},
     )
 
 
@@ -550,6 +562,15 @@ def evaluate_step(ctx: RunContext, r: int) -> dict[str, Any]:
     from collapse_guard.metrics.diversity import perplexity_concentration
 
     c = ctx.config
+    if r == 0 and (known := ctx.shared.get(ctx.round0_key())) is not None:
+        # Same base model, data, evaluation settings and seed as a run before it in this recipe: round 0 would
+        # measure exactly the same numbers (the generations are seeded), so they are reused.
+        ctx.progress.phase(r, f"measured already by {known['by']} (same model, data, settings and seed)")
+        entry, payload = copy.deepcopy(known["entry"]), copy.deepcopy(known["eval"])
+        if is_main():
+            atomic_write_json(ctx.round_dir(r) / "eval.json", payload)
+        barrier()
+        return entry
     extras_wanted = c.evaluation.get("generated_perplexity", True)
     entry = next((e for e in reversed(ctx.history.entries) if e["round"] == r and e.get("final")), None)
     model = None
@@ -591,10 +612,12 @@ def evaluate_step(ctx: RunContext, r: int) -> dict[str, Any]:
             extra["generated_ppl"] = document_perplexities(reference, ctx.tokenizer, texts_of(generated),
                                                            e.context_length, e.max_batch_tokens) \
                 if len(generated) else []
+    payload = {"metrics": {k: v for k, v in entry.items() if k not in ("generations",)}, **extra,
+               "generations": entry.get("generations", [])}
     if is_main():
-        atomic_write_json(ctx.round_dir(r) / "eval.json",
-                          {"metrics": {k: v for k, v in entry.items() if k not in ("generations",)}, **extra,
-                           "generations": entry.get("generations", [])})
+        atomic_write_json(ctx.round_dir(r) / "eval.json", payload)
+    if r == 0:
+        ctx.shared[ctx.round0_key()] = copy.deepcopy({"entry": entry, "eval": payload, "by": c.name})
     barrier()
     return entry
 
@@ -689,8 +712,13 @@ def _claim(config: LoopConfig, run_dir: Path, restart: bool):
     return lock, RunState.load(run_dir)
 
 
-def run_rounds(config: LoopConfig, restart: bool = False) -> dict[str, Any]:
-    """Runs (or continues) one loop; returns {"run_dir", "history", "stopped", "finished"}."""
+def run_rounds(config: LoopConfig, restart: bool = False,
+               shared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs (or continues) one loop; returns {"run_dir", "history", "stopped", "finished"}.
+
+    `shared`: a dict that `run_recipe` hands to each of its runs, so that they load round 0's model once and
+    measure round 0 once when they agree on what it depends on (base model, data, evaluation, seed).
+    """
     check_config(config)  # everything a recipe can get wrong, before the first byte is written
     init_process_group()
     run_dir = Path(config.output_dir)
@@ -703,7 +731,7 @@ def run_rounds(config: LoopConfig, restart: bool = False) -> dict[str, Any]:
             return _summary(run_dir, state)
         if state.started and is_main():
             logger.info("%s: continuing the run in %s.", config.name, run_dir)
-        ctx = _make_context(config, state, run_dir)
+        ctx = _make_context(config, state, run_dir, shared)
         run_round(ctx, 0)
         for r in range(1, config.rounds + 1):
             verdict = run_round(ctx, r)
@@ -734,11 +762,11 @@ def run_recipe(config: LoopConfig, restart: bool = False) -> dict[str, Any]:
     runs = expand(config)
     for run in runs.values():
         check_config(run)  # all of them before the first expensive step
-    results = {}
+    results, shared = {}, {}
     for k, (name, run) in enumerate(runs.items(), start=1):
         if len(runs) > 1 and is_main():
             logger.info("%s: run %d of %d: %s -> %s", config.name, k, len(runs), name, run.output_dir)
-        results[name] = run_rounds(run, restart)
+        results[name] = run_rounds(run, restart, shared)
     if len(runs) > 1 and is_main():
         from collapse_guard.report import write_comparison
 

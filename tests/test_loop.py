@@ -288,3 +288,31 @@ def test_two_cpu_processes_under_accelerate_launch(tmp_path, tiny_run):
     assert not list(out.rglob("*.tmp*"))  # only rank 0 wrote
     assert result.stderr.count("round 1/2: training") == 1  # logged once per run, not once per rank
     assert json.loads((out / "report.json").read_text())["runs"][0]["name"] == "tiny_loop"
+
+
+def test_recipe_arms_measure_round_0_once(tmp_path, caplog):
+    """Two arms on one base model, data, evaluation and seed: round 0 is measured once and written to both
+    (the numbers are identical either way: its generations are seeded); an arm with another seed measures
+    its own."""
+    import logging
+
+    from collapse_guard.loop import run_recipe
+    from collapse_guard.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model")
+    config = load_config(RECIPE, [f"output_dir={tmp_path / 'runs'}", f"model.name_or_path={model}",
+                                  "rounds=1", "variants={a: {mixing.min_real_fraction: 0.5}, "
+                                  "b: {mixing.min_real_fraction: 1.0}, c: {seed: 1}}"])
+    with caplog.at_level(logging.INFO, logger="collapse_guard"):
+        run_recipe(config)
+    evals = {arm: read_json(tmp_path / "runs" / arm / "round_0" / "eval.json") for arm in "abc"}
+    assert evals["a"] == evals["b"] and evals["a"]["generations"]
+    assert evals["c"]["metrics"]["heldout_ppl"] == pytest.approx(evals["a"]["metrics"]["heldout_ppl"])
+    messages = [r.getMessage() for r in caplog.records]
+    reused = [m for m in messages if "measured already by a" in m]
+    assert len(reused) == 1 and reused[0].startswith("b |"), reused
+    measured = [m.split(" |")[0] for m in messages if "round 0 (baseline): measuring" in m]
+    assert measured == ["a", "c"], measured
+    for arm in "abc":  # each arm's own history holds round 0 and its verdict
+        entries = read_json(tmp_path / "runs" / arm / HISTORY)["entries"]
+        assert [e["round"] for e in entries if e.get("final")] == [0, 1]
