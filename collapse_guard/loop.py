@@ -466,8 +466,12 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
     if not logger.isEnabledFor(logging.DEBUG):
         _quiet_progress(trainer)
     floor = m.min_real_fraction if m.batch_floor else 0.0
+    # Top-ups continue the real stream where the previous round's stopped: with one seed and a fresh stream
+    # each round, every round would top up with the same first rows, and a high floor then memorises them.
+    previous = (read_json(ctx.round_dir(r - 1) / "train.json", default={}) or {}) if r > 1 else {}
     collator = MixingCollator(real_dataset=ctx.real, min_real_fraction=floor, unit=m.unit, seed=c.seed,
-                              allow_low_real_fraction=True, max_growth=m.max_growth)
+                              allow_low_real_fraction=True, max_growth=m.max_growth,
+                              real_stream_start=int(previous.get("real_stream_draws", 0)))
     guard = None
     if c.guard.get("enabled", True):
         start = ctx.history.at(r - 1, _final_step(ctx, r - 1)) if c.model.init_from == "previous" \
@@ -499,6 +503,7 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
         "synthetic_tokens_trained": int(counts["synthetic_tokens"]),
         "real_tokens_trained": int(counts["real_tokens"]),
         "synthetic_rows_untrained": len(collator.synthetic_buffer), "real_top_up": int(counts["real_top_up"]),
+        "real_stream_draws": int(broadcast(collator.real_stream_draws)),  # rank 0's: every rank goes on alike
         "floor": collator.min_real_fraction,
         "guard_cost_share": guard.cost_share() if guard is not None else None,
         "unit": m.unit, "epochs": float(trainer.args.num_train_epochs),

@@ -58,6 +58,9 @@ def test_two_rounds_produce_every_artifact(tiny_run):
         assert not (out / f"round_{r}" / "trainer").exists()  # checkpoints dropped once the round is done
         info = read_json(out / f"round_{r}" / "train.json")
         assert info["real_fraction"] >= 0.5 and info["train_steps"] == info["max_steps"]
+        # top-ups continue the real stream across rounds (not the same first rows every round)
+        before = read_json(out / "round_1" / "train.json")["real_stream_draws"] if r == 2 else 0
+        assert info["real_stream_draws"] == before + info["real_top_up"]
         assert info["synthetic_rows_trained"] == 3 * 16 and info["synthetic_rows_untrained"] == 0  # 3 epochs
         assert len(read_json(out / f"round_{r}" / "eval.json")["generated_ppl"]) == 16
     assert read_json(out / "round_1" / "selection.json")["steps"][0]["selector"] == "DedupSelector"

@@ -373,6 +373,33 @@ def test_state_dict_round_trip_reproduces_the_stream():
     assert [a(rows[i: i + 8]) for i in range(16, 40, 8)] == [b(rows[i: i + 8]) for i in range(16, 40, 8)]
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_real_stream_start_continues_where_the_last_run_stopped(streaming):
+    """Two runs in a row (a loop's rounds) top up with the pool's next rows, not with the same first ones."""
+    pool = [{"input_ids": [1000 + i, 7]} for i in range(60)]
+    if streaming:
+        pool = IterableDataset.from_generator(lambda: iter([{"input_ids": [1000 + i, 7]} for i in range(60)]))
+
+    def run(start: int) -> tuple[list[int], MixingCollator]:
+        rows = [{"input_ids": [5000 + i, 3], "provenance": {"source": "synthetic"}} for i in range(16)]
+        collator = MixingCollator(identity, real_dataset=pool, min_real_fraction=0.5, seed=4,
+                                  real_stream_start=start).plan(1, 2, 2, 8)
+        served = [row["input_ids"][0] for k in (0, 8) for row in collator(rows[k: k + 8])]
+        return [i for i in served if i < 5000], collator
+
+    first, a = run(0)
+    n = len(first)
+    assert 0 < n < 30 and a.real_stream_draws == n
+    second, b = run(a.real_stream_draws)
+    assert len(second) == n and not set(first) & set(second) and b.real_stream_draws == 2 * n
+    again, _ = run(0)
+    assert again == first  # the same seed and start: the same rows
+    fresh = MixingCollator(identity, real_dataset=pool, min_real_fraction=0.5, seed=4, real_stream_start=8)
+    assert fresh.state_dict()["stream"] == {"draws": 8}  # a checkpoint before any top-up keeps the start
+    with pytest.raises(ValueError, match="real_stream_start must be an int >= 0"):
+        MixingCollator(identity, real_dataset=pool, real_stream_start=-1)
+
+
 def test_construction_tokenizes_nothing():
     """The pool is tokenized on demand (top-ups) or, for fingerprints, in batches when first needed."""
     class CountingTokenizer:

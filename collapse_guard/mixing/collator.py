@@ -115,6 +115,9 @@ class MixingCollator:
         unit: "examples" (rows) or "tokens" (non-padding tokens; required with packing).
         floor_scope: "step" (B x GA rows of an optimizer step, default) or "micro_batch".
         seed: seeds the real stream.
+        real_stream_start: draws already made from this seeded stream (by earlier rounds of a loop, say):
+            top-ups continue after them, so successive runs walk the whole real pool before any row repeats
+            instead of topping up with the same first rows every time.
         max_length: cut top-ups to this many tokens; default: the trainer's (`SFTConfig.max_length`, or
             the longest training row for a plain `Trainer`).
         allow_low_real_fraction: permit f < 0.1.
@@ -154,6 +157,7 @@ class MixingCollator:
         allow_low_real_fraction: bool = False,
         synthetic_filter: Callable[[list[str]], list[str | None]] | None = None,
         max_growth: float = 2.0,
+        real_stream_start: int = 0,
     ):
         self.min_real_fraction = validate_real_fraction(min_real_fraction, allow_low_real_fraction)
         self.allow_low_real_fraction = allow_low_real_fraction
@@ -167,6 +171,10 @@ class MixingCollator:
         if isinstance(max_growth, bool) or not isinstance(max_growth, (int, float)) or not max_growth >= 1.0:
             raise ValueError("max_growth must be a number >= 1 (largest micro-batch / incoming size), got "
                              f"{max_growth!r}.")
+        if (isinstance(real_stream_start, bool) or not isinstance(real_stream_start, int)
+                or real_stream_start < 0):
+            raise ValueError(f"real_stream_start must be an int >= 0 (draws already made), got "
+                             f"{real_stream_start!r}.")
         if base_collator is not None and not callable(base_collator):
             raise TypeError(f"base_collator must be callable, got {type(base_collator).__name__}.")
         if real_dataset is None:
@@ -188,6 +196,7 @@ class MixingCollator:
         self.unit = unit
         self.floor_scope = floor_scope
         self.seed = seed
+        self.real_stream_start = real_stream_start
         self.max_length = max_length
         self.synthetic_filter = synthetic_filter
         self.max_growth = float(max_growth)
@@ -274,7 +283,14 @@ class MixingCollator:
             fmt = self._format()
             tok = self._tokenizer() if self.real_format != "tokens" else self.tokenizer
             self._stream = RealStream(self.real_dataset, lambda ex: tokenize_row(ex, tok, fmt), self.seed)
+            if self.real_stream_start:
+                self._stream.load_state_dict({"draws": self.real_stream_start})
         return self._stream
+
+    @property
+    def real_stream_draws(self) -> int:
+        """Draws made from the real stream so far, `real_stream_start` included (hand it to the next run)."""
+        return self._stream.draws if self._stream is not None else self.real_stream_start
 
     def source_index(self) -> SourceIndex:
         """The real pool's fingerprints (built on first need: rows that carry no provenance)."""
@@ -671,7 +687,8 @@ class MixingCollator:
         # references only: rows are never mutated after they enter a buffer, so this stays cheap per batch
         return {
             "calls": self.calls,
-            "stream": self._stream.state_dict() if self._stream is not None else {"draws": 0},
+            "stream": self._stream.state_dict() if self._stream is not None
+            else {"draws": self.real_stream_start},
             "synthetic_buffer": list(self.synthetic_buffer),
             "real_carry": list(self.real_carry),
             "credit": dict(self.credit),
