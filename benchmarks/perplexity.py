@@ -140,6 +140,41 @@ def _ours(texts: list[str], model_dir: str) -> dict:
     return {"seconds": run.seconds, "perplexity": result.perplexity, **run.report()}
 
 
+def profile_ours(corpus: str, threads: int, output: Path) -> None:
+    """Where our evaluator's time goes (torch.profiler, self CPU time per op, one warm pass): what stands
+    between the matmul-shape ceiling and the whole pass. Writes `output` (JSON)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from collapse_guard.io import atomic_write_json
+    from collapse_guard.metrics import HeldoutPerplexity
+    from collapse_guard.resources import smollm2_dir
+
+    torch.set_num_threads(threads)
+    model_dir = str(smollm2_dir())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    evaluator = HeldoutPerplexity(corpus_texts(corpus), tokenizer, context_length=CONTEXT,
+                                  max_batch_tokens=16384)
+    evaluator.compute(model)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        evaluator.compute(model)
+    ops = prof.key_averages()
+    total = sum(op.self_cpu_time_total for op in ops)
+    top = sorted(ops, key=lambda op: -op.self_cpu_time_total)[:15]
+    atomic_write_json(output, {
+        "command": " ".join(["python", "benchmarks/perplexity.py", *sys.argv[1:]]), "corpus": corpus,
+        "torch_threads": threads, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "self_cpu_seconds": round(total / 1e6, 2),
+        "share_of_self_cpu_time": {op.key: round(op.self_cpu_time_total / total, 4) for op in top},
+        "note": "aten::mm is the matmuls (at most the model-shape ceiling of perplexity.json); the rest is "
+                "attention and unfused element-wise ops (RMSNorm, RoPE, SwiGLU) that no matmul tuning "
+                "removes",
+    })
+    print(f"wrote {output}")
+
+
 def reference_perplexity(model, tokenizer, texts: list[str]) -> float:
     """Independent float64 reference: one whole document per forward (no padding), token-weighted."""
     import torch
@@ -368,7 +403,13 @@ def main() -> None:
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--docs-file", help=argparse.SUPPRESS)
     parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", metavar="CORPUS", choices=CORPORA,
+                        help="instead of the comparison: our evaluator's time per op on CORPUS, to "
+                             "results/perplexity_profile.json")
     args = parser.parse_args()
+    if args.profile:
+        profile_ours(args.profile, args.threads, RESULTS.with_name("perplexity_profile.json"))
+        return
     if args.worker:
         worker(args.worker, args.docs_file, args.threads, args.evaluate_script, args.reference)
         return
