@@ -642,3 +642,17 @@ def test_two_processes_floor_per_rank_and_exactly_once_across_ranks(tmp_path):
         served += ids_of([t for mb in fed for t, _ in mb], SYNTHETIC_ID)
     assert sorted(served) == list(range(48))  # 48 synthetic rows split over 2 ranks: each fed once
     assert ranks[0]["top_ups"] != ranks[1]["top_ups"]  # the real stream is sharded by rank
+
+
+def test_real_stream_says_when_the_pool_is_used_up(caplog):
+    """Top-ups promise fresh rows; when the pool runs out and rows start to repeat, the stream says so."""
+    import logging
+
+    from collapse_guard.mixing.stream import RealStream
+
+    stream = RealStream([{"input_ids": [i]} for i in range(5)], lambda ex: ex, seed=0)
+    with caplog.at_level(logging.WARNING, logger="collapse_guard.mixing.stream"):
+        drawn = [stream.next()["input_ids"][0] for _ in range(5)]
+        assert sorted(drawn) == list(range(5)) and not caplog.records
+        stream.next()
+    assert len(caplog.records) == 1 and "used up after 5 top-ups" in caplog.records[0].getMessage()

@@ -7,12 +7,15 @@ pools), so a pool of ten million rows costs 40 MB and no start-up time. Streamin
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from collapse_guard.distributed import rank_world
+
+logger = logging.getLogger(__name__)
 
 
 class RealStream:
@@ -44,6 +47,11 @@ class RealStream:
         n = len(self.dataset)
         epoch, offset = divmod(self.draws * world + rank, n)
         if epoch != self._order_epoch:
+            if epoch == 1 and self._order_epoch in (-1, 0) and rank == 0:
+                # top-ups promise fresh rows; from here on they repeat, which a high floor can memorise
+                logger.warning("RealStream: the real pool (%d rows) is used up after %d top-ups; further "
+                               "top-ups repeat rows. Give a larger real_dataset or a lower floor.", n,
+                               self.draws * world)
             dtype = np.int32 if n < 2**31 else np.int64
             self._order = np.random.default_rng([self.seed, epoch]).permutation(n).astype(dtype)
             self._order_epoch = epoch
