@@ -4,6 +4,9 @@
     python benchmarks/guard_cost.py --quick          # smoke run (~2-4 min): tiny model, short SmolLM2
     python benchmarks/guard_cost.py --skip-smollm2   # tiny model only
     python benchmarks/guard_cost.py --models smollm2 --repeats 2
+    # SmolLM2 at the real defaults, nothing scaled (~35 min): results/guard_cost_smollm2_long.json
+    python benchmarks/guard_cost.py --models smollm2 --repeats 1 --smollm2-steps 300 --smollm2-eval-steps 50 \
+        --arms collator_only,guard_defaults --out benchmarks/results/guard_cost_smollm2_long.json
 
 Writes benchmarks/results/guard_cost.json (--quick: a scratch file under $TMPDIR/collapse_guard_bench/).
 
@@ -259,12 +262,14 @@ def make_job(
     _, tok = load_smollm2()
     steps, eval_steps = (2, 1) if quick else (60, 10)
     steps, eval_steps = smollm2_steps or steps, smollm2_eval_steps or eval_steps
-    scaling = (
-        f"eval_steps scaled 50 -> {eval_steps} for a {steps}-step CPU job (batch 4 x 128 tokens): without "
-        f"the budget it takes {steps // eval_steps} interim measurements plus the start and the end, as a "
-        f"{steps * 50 // eval_steps}-step job would at the default eval_steps=50. ProbeConfig and the 32 "
-        "documents / 32 prompts are NOT scaled (the defaults)."
-    )
+    scaling = "none: the defaults (eval_steps=50, cost_budget=0.03, ProbeConfig(), 32 documents / 32 prompts)"
+    if eval_steps != 50:
+        scaling = (
+            f"eval_steps scaled 50 -> {eval_steps} for a {steps}-step CPU job (batch 4 x 128 tokens): "
+            f"without the budget it takes {steps // eval_steps} interim measurements plus the start and the "
+            f"end, as a {steps * 50 // eval_steps}-step job would at the default eval_steps=50. ProbeConfig "
+            "and the 32 documents / 32 prompts are NOT scaled (the defaults)."
+        )
     return Job(
         "smollm2_135m_instruct",
         steps,
@@ -499,10 +504,17 @@ def gpu_estimate(smollm2: dict | None, tiny: dict | None) -> dict | None:
                 n += 1
                 spent += per_measurement
         n += 1
+
+        def shares(count: int, train_s: float = train_s) -> dict:
+            # the budget holds the share of the run (GuardConfig.cost_share: guard / (training + guard))
+            guard_s = count * per_measurement
+            return {"measurements": count, "share_of_run": guard_s / (train_s + guard_s),
+                    "share_of_training": guard_s / train_s}
+
         scenarios[f"{steps}_steps"] = {
-            "no_budget": {"measurements": no_budget_n, "share": no_budget_n * per_measurement / train_s},
-            "with_budget": {"measurements": n, "share": n * per_measurement / train_s},
-            "start_and_end_only_share": 2 * per_measurement / train_s,
+            "no_budget": shares(no_budget_n),
+            "with_budget": shares(n),
+            "start_and_end_only_share_of_run": shares(2)["share_of_run"],
         }
     return {
         "ESTIMATE": "not a measurement: the assumptions below, scaled by ratios measured on CPU",
@@ -529,6 +541,8 @@ def run_model(name: str, args, workdir: Path) -> dict:
     arms = list(ARMS)
     if args.quick and name != "tiny":
         arms = ["collator_only", "guard_defaults"]
+    if args.arms:
+        arms = args.arms
     repeats = args.repeats or (1 if args.quick else 3)
     result: dict = {"job": job.describe(), "arms": arms, "repeats": repeats, "load_average_start": load(name)}
     # warm-up (not recorded): first calls into torch, generation and the tokenizer
@@ -558,12 +572,22 @@ def main() -> None:
     parser.add_argument("--smollm2-eval-steps", type=int, default=None, help="scaled eval_steps (default 10)")
     parser.add_argument("--out", default=None)
     parser.add_argument(
+        "--arms",
+        type=lambda value: value.split(","),
+        default=None,
+        help=f"comma-separated subset of {','.join(ARMS)} (default: all; --quick on SmolLM2: "
+        "collator_only,guard_defaults), e.g. for a long SmolLM2 job at the real eval_steps",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
         help="torch threads (default: torch's own; 1 is steadier on a machine loaded by others)",
     )
     args = parser.parse_args()
+    unknown = [arm for arm in args.arms or [] if arm not in ARMS]
+    if unknown:
+        parser.error(f"--arms: unknown arm(s) {unknown}; choose from {','.join(ARMS)}")
 
     import torch
 

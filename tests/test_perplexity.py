@@ -83,6 +83,45 @@ def test_batching_does_not_change_the_result(tokenizer, tiny_model):
     assert_same_docs(small.per_document, large.per_document, rel=1e-6)
 
 
+def _tiny_model(arch: str, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    from collapse_guard.testing import tiny_causal_lm
+
+    torch.manual_seed(0)
+    if arch == "gpt2":  # learned absolute positions
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                          n_positions=64, pad_token_id=tokenizer.pad_token_id))
+    if arch == "mistral_sliding_window":  # a window shorter than the documents
+        return MistralForCausalLM(MistralConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+            pad_token_id=tokenizer.pad_token_id))
+    return tiny_causal_lm(tokenizer)  # rotary positions
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral_sliding_window"])
+def test_padded_batches_without_a_padding_mask_score_like_single_documents(tokenizer, arch):
+    # The evaluator runs right-padded batches with no padding mask (causal attention keeps every real token
+    # away from the pads after it), so attention can take its causal-only kernels. That must hold for rotary,
+    # learned absolute and sliding-window attention alike: seen from the model's own forward.
+    model = _tiny_model(arch, tokenizer).eval()
+    texts = heldout_texts()
+    evaluator = HeldoutPerplexity(texts, tokenizer, context_length=16, max_batch_tokens=64)
+    evaluator.compute(model)  # the first pass also checks, once, that decoder -> head gives its logits
+    seen = []
+    decoder = perplexity._decoder_and_head(model)[0]
+    decoder.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    result = evaluator.compute(model)
+    batches = evaluator._shard_batches(1, 0, torch.device("cpu"))
+    assert any(len(set(b.score_mask.sum(1).tolist())) > 1 for b in batches)  # rows of unequal length: padding
+    assert len(seen) == len(batches) and all(kwargs.get("attention_mask") is None for kwargs in seen)
+    ppl, n, per_doc = naive_perplexity(model, tokenizer, texts, 16)
+    assert result.n_tokens == n
+    assert result.perplexity == pytest.approx(ppl, rel=1e-5)
+    assert_same_docs(result.per_document, per_doc, rel=1e-5)
+
+
 def test_small_logits_chunks_and_a_biased_head_give_the_same_result(tokenizer, tiny_model, monkeypatch):
     texts = heldout_texts()
     reference = HeldoutPerplexity(texts, tokenizer, context_length=16).compute(tiny_model)
