@@ -2,7 +2,7 @@
 collapses.
 
     python examples/grpo_guard.py                     # the offline tiny model, a minute on a CPU
-    python examples/grpo_guard.py --reward noise      # the control: nothing to hack, no flag
+    python examples/grpo_guard.py --reward noise      # the control: nothing to hack, no policy alarm
 
 TRL's quickstart trains a policy with GRPOTrainer on prompts and a reward function. Two added lines
 attach the guard: at every logging step it reads the completions the trainer already generated
@@ -14,6 +14,7 @@ tokens within ~20 steps and the guard stops it; `--reward noise` has no shortcut
 
 import argparse
 import random
+import zlib
 
 import torch
 from datasets import Dataset
@@ -27,8 +28,8 @@ def letter_e(completions, **kwargs):  # hackable: repeating one token full of e'
     return [c.count("e") / max(len(c), 1) for c in completions]
 
 
-def noise(completions, **kwargs):
-    return [random.Random(hash(c)).random() for c in completions]
+def noise(completions, **kwargs):  # crc32, not hash(): the same reward in every process
+    return [random.Random(zlib.crc32(c.encode())).random() for c in completions]
 
 
 def main(argv=None):

@@ -2,10 +2,11 @@
 
 A reward that one letter hacks drives the tiny policy into repeating a few tokens; the guard must raise
 an alarm and stop training. The same run with a reward that carries no exploitable regularity (seeded
-noise) must train to the end without a flag.
+noise) must train to the end without an alarm.
 """
 
 import random
+import zlib
 
 import pytest
 from datasets import Dataset
@@ -20,7 +21,8 @@ def hacked(completions, **kwargs):  # one letter pays: repeating one token is th
 
 
 def noise(completions, **kwargs):
-    return [random.Random(hash(c)).random() for c in completions]
+    # crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), and so did this reward
+    return [random.Random(zlib.crc32(c.encode())).random() for c in completions]
 
 
 def run_grpo(tmp_path, tokenizer, reward, max_steps=24):
@@ -53,9 +55,14 @@ def test_grpo_guard_fires_on_a_hacked_reward_and_not_on_the_control(tmp_path, to
     assert (tmp_path / "hacked" / "collapse_history_policy.json").exists()
 
     trainer, guard = run_grpo(tmp_path / "noise", tokenizer, noise)
+    # Noise is not a flat reward: at this learning rate it sharpens the policy a little too. Over 16 salted
+    # noise rewards, 3 runs' policy signals warned near the end (token entropy -21% to -23%, warn line 20%)
+    # and none alarmed; so the control may warn, but a policy alarm here is the guard over-firing. (The
+    # held-out guard does alarm at the last step, rightly: human-text perplexity x2.3 after 24 steps.)
     assert trainer.state.global_step == 24
-    assert all(e["level"] == "ok" for e in guard.policy_history.entries), \
+    assert not any(e["level"] == "alarm" for e in guard.policy_history.entries), \
         guard.policy_history.entries[-1]["reasons"]
+    assert guard.policy_history.entries[0]["level"] == "ok"
 
 
 def test_dpo_like_trainers_take_the_guard_but_not_the_collator(tmp_path, tokenizer):
