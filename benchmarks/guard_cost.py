@@ -462,6 +462,13 @@ def summarize(runs: list[dict], repeats: int) -> dict:
     return out
 
 
+def _shares(measurements: int, per_measurement: float, train_s: float) -> dict:
+    # the budget holds the share of the run (GuardConfig.cost_share: guard / (training + guard))
+    guard_s = measurements * per_measurement
+    return {"measurements": measurements, "share_of_run": guard_s / (train_s + guard_s),
+            "share_of_training": guard_s / train_s}
+
+
 def gpu_estimate(smollm2: dict | None, tiny: dict | None) -> dict | None:
     """An ESTIMATE of the default guard's share on a GPU, from stated assumptions and measured CPU ratios."""
     source = smollm2 or tiny
@@ -504,17 +511,10 @@ def gpu_estimate(smollm2: dict | None, tiny: dict | None) -> dict | None:
                 n += 1
                 spent += per_measurement
         n += 1
-
-        def shares(count: int, train_s: float = train_s) -> dict:
-            # the budget holds the share of the run (GuardConfig.cost_share: guard / (training + guard))
-            guard_s = count * per_measurement
-            return {"measurements": count, "share_of_run": guard_s / (train_s + guard_s),
-                    "share_of_training": guard_s / train_s}
-
         scenarios[f"{steps}_steps"] = {
-            "no_budget": shares(no_budget_n),
-            "with_budget": shares(n),
-            "start_and_end_only_share_of_run": shares(2)["share_of_run"],
+            "no_budget": _shares(no_budget_n, per_measurement, train_s),
+            "with_budget": _shares(n, per_measurement, train_s),
+            "start_and_end_only_share_of_run": _shares(2, per_measurement, train_s)["share_of_run"],
         }
     return {
         "ESTIMATE": "not a measurement: the assumptions below, scaled by ratios measured on CPU",

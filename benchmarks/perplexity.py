@@ -184,10 +184,8 @@ def profile_ours(corpus: str, threads: int, output: Path, compiled: bool) -> Non
     scale = eager_s / (total / 1e6)
     mm_s = sum(op.self_cpu_time_total for op in ops if op.key == "aten::mm") / 1e6 * scale
     attention_s = sum(op.self_cpu_time_total for op in ops if "attention" in op.key) / 1e6 * scale
-    head = model.get_output_embeddings().weight.numel()
-    body = sum(p.numel() for p in model.parameters()) - head
-    batches = evaluator._shard_batches(1, 0, torch.device("cpu"))
-    mm_flops = 2 * sum(body * b.input_ids.numel() + head * len(b.targets) for b in batches)
+    mm_flops = ours_matmul_flops(evaluator, sum(p.numel() for p in model.parameters()),
+                                 model.get_output_embeddings().weight.numel())
     top = sorted(ops, key=lambda op: -op.self_cpu_time_total)[:15]
     report = {
         "command": " ".join(["python", "benchmarks/perplexity.py", *sys.argv[1:]]), "corpus": corpus,
@@ -384,6 +382,17 @@ def evaluate_script(path: str | None) -> Path:
     return script
 
 
+def ours_matmul_flops(evaluator, n_params: int, n_head: int) -> int:
+    """The matmul FLOPs of one pass of our evaluator: the decoder over every padded token, the output head
+    over the scored positions only."""
+    import torch
+
+    batches = evaluator._shard_batches(1, 0, torch.device("cpu"))
+    padded = sum(b.input_ids.numel() for b in batches)
+    scored = sum(len(b.targets) for b in batches)
+    return 2 * ((n_params - n_head) * padded + n_head * scored)
+
+
 def padding_and_flops(texts: list[str], tokenizer, n_params: int, n_head: int) -> dict:
     """Padded tokens each arm pushes through the model, and the matmul FLOPs that implies.
 
@@ -398,12 +407,10 @@ def padding_and_flops(texts: list[str], tokenizer, n_params: int, n_head: int) -
     ours = HeldoutPerplexity(texts, tokenizer, context_length=CONTEXT, max_batch_tokens=16384)
     batches = ours._shard_batches(1, 0, torch.device("cpu"))
     ours_padded = sum(b.input_ids.numel() for b in batches)
-    ours_scored = sum(len(b.targets) for b in batches)
     evaluate_padded = len(texts) * (max(lengths) + 1)  # BOS, then everything padded to the corpus' longest
     naive_padded = sum(len(lengths[s : s + NAIVE_BATCH]) * max(lengths[s : s + NAIVE_BATCH])
                        for s in range(0, len(lengths), NAIVE_BATCH))
-    body = n_params - n_head
-    ours_flops = 2 * (body * ours_padded + n_head * ours_scored)
+    ours_flops = ours_matmul_flops(ours, n_params, n_head)
     tokens = sum(lengths)
     return {
         "document_tokens": tokens,

@@ -656,3 +656,31 @@ def test_real_stream_says_when_the_pool_is_used_up(caplog):
         assert sorted(drawn) == list(range(5)) and not caplog.records
         stream.next()
     assert len(caplog.records) == 1 and "used up after 5 top-ups" in caplog.records[0].getMessage()
+
+    # a stream resumed past its first pass says so too, once
+    caplog.clear()
+    resumed = RealStream([{"input_ids": [i]} for i in range(5)], lambda ex: ex, seed=0)
+    resumed.load_state_dict({"draws": 12})
+    with caplog.at_level(logging.WARNING, logger="collapse_guard.mixing.stream"):
+        for _ in range(5):
+            resumed.next()
+    assert len(caplog.records) == 1 and "used up after 12 top-ups" in caplog.records[0].getMessage()
+
+
+def test_streamed_real_pool_says_when_it_is_used_up(caplog):
+    import logging
+
+    from datasets import Dataset
+
+    from collapse_guard.mixing.stream import RealStream
+
+    pool = Dataset.from_dict({"input_ids": [[i] for i in range(4)]}).to_iterable_dataset()
+    stream = RealStream(pool, lambda ex: ex, seed=0, shuffle_buffer=4)
+    assert stream.streaming
+    with caplog.at_level(logging.WARNING, logger="collapse_guard.mixing.stream"):
+        drawn = [stream.next()["input_ids"][0] for _ in range(4)]
+        assert sorted(drawn) == list(range(4)) and not caplog.records
+        for _ in range(5):
+            stream.next()
+    message = caplog.records[0].getMessage()
+    assert len(caplog.records) == 1 and "(streamed) is used up after 4 top-ups" in message

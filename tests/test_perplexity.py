@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,6 +121,39 @@ def test_padded_batches_without_a_padding_mask_score_like_single_documents(token
     assert result.n_tokens == n
     assert result.perplexity == pytest.approx(ppl, rel=1e-5)
     assert_same_docs(result.per_document, per_doc, rel=1e-5)
+
+
+class _ForwardLooking(torch.nn.Module):
+    """A toy LM that is not causal: every position also sees the mean embedding of its whole unmasked row."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        x = self.embed(input_ids)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        row = (x * mask[..., None]).sum(1, keepdim=True) / mask.sum(1)[:, None, None]
+        return SimpleNamespace(logits=self.head(x + row))
+
+
+def test_a_model_that_attends_forward_gets_a_padding_mask(tokenizer):
+    # Without a mask, the pads would leak into such a model's real tokens, silently. The evaluator checks each
+    # model once and masks the batches of one that needs it: the same result as one window per forward.
+    model = _ForwardLooking(len(tokenizer))
+    texts = heldout_texts()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    batched = HeldoutPerplexity(texts, tokenizer, context_length=16, max_batch_tokens=64)
+    result = batched.compute(model)
+    batches = batched._shard_batches(1, 0, torch.device("cpu"))
+    assert any(len(set(b.lengths.tolist())) > 1 for b in batches)  # rows of unequal length: padding
+    assert all(kwargs.get("attention_mask") is not None for kwargs in seen[1:])  # seen[0]: the check itself
+    one_window_each = HeldoutPerplexity(texts, tokenizer, context_length=16, max_batch_tokens=16)
+    one_window_each = one_window_each.compute(model)
+    assert result.perplexity == pytest.approx(one_window_each.perplexity, rel=1e-6)
+    assert_same_docs(result.per_document, one_window_each.per_document, rel=1e-6)
 
 
 def test_small_logits_chunks_and_a_biased_head_give_the_same_result(tokenizer, tiny_model, monkeypatch):

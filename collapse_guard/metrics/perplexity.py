@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from collapse_guard.distributed import all_reduce_sum, rank_world
+
+logger = logging.getLogger(__name__)
 
 # Bytes of the fp32 logits buffer the head writes into, one chunk of scored positions at a time: one
 # buffer for the whole pass, so its size costs memory once; 128 MiB (682 rows of a 49k vocabulary) keeps
@@ -76,7 +79,8 @@ class _Window:
 
 @dataclass
 class _Batch:
-    input_ids: torch.Tensor  # [B, L], right padded: the model runs without a padding mask (see _forward_ids)
+    input_ids: torch.Tensor  # [B, L], right padded
+    lengths: torch.Tensor  # [B] real tokens of each row: the padding mask, when the model needs one
     score_mask: torch.Tensor  # [B, L - 1]: hidden state at p predicts token p + 1
     targets: torch.Tensor  # [N] token ids of the scored positions, in score_mask order
     doc_index: torch.Tensor  # [N] document of each scored position
@@ -158,6 +162,7 @@ class HeldoutPerplexity:
             )
         self._batches: dict[tuple[int, int, str], list[_Batch]] = {}
         self._split_ok: dict[int, bool] = {}
+        self._needs_mask: dict[int, bool] = {}
 
     def _windows(self, doc: int, n: int) -> list[_Window]:
         if n < 2:
@@ -200,6 +205,7 @@ class HeldoutPerplexity:
         if sync_steps:
             n_steps = max(len(self._shard_batches(world, r, device)) for r in range(world))
         split = not sync_steps and self._can_split(inner, device)
+        masked = self._padding_needs_mask(inner if split else model, device)
         logits = _logits_buffer(inner, batches, device) if split else None
         was_training = model.training
         model.eval()
@@ -209,9 +215,9 @@ class HeldoutPerplexity:
                     spare = batches or self._shard_batches(1, 0, device)
                     batch = batches[step] if step < len(batches) else spare[0]
                     if split:
-                        batch_nll = _score_split(inner, batch, device, logits)
+                        batch_nll = _score_split(inner, batch, device, logits, masked)
                     else:
-                        batch_nll = _score_full(model, batch, device)
+                        batch_nll = _score_full(model, batch, device, masked)
                     if step < len(batches):
                         doc_index = batch.doc_index.to(nll.device)
                         nll.index_add_(0, doc_index, batch_nll.to(nll.device, torch.float64))
@@ -240,6 +246,7 @@ class HeldoutPerplexity:
         input_ids = torch.full((len(windows), length), self.pad_token_id, dtype=torch.long)
         score_mask = torch.zeros((len(windows), length - 1), dtype=torch.bool)
         docs = torch.empty(len(windows), dtype=torch.long)
+        lengths = torch.tensor([w.end - w.start for w in windows], dtype=torch.long)
         for row, w in enumerate(windows):
             n = w.end - w.start
             input_ids[row, :n] = torch.tensor(self.token_ids[w.doc][w.start : w.end])
@@ -247,7 +254,35 @@ class HeldoutPerplexity:
             docs[row] = w.doc
         targets = input_ids[:, 1:][score_mask]
         doc_index = docs[:, None].expand_as(score_mask)[score_mask]
-        return _Batch(input_ids, score_mask, targets, doc_index)
+        return _Batch(input_ids, lengths, score_mask, targets, doc_index)
+
+    def _padding_needs_mask(self, model, device: torch.device) -> bool:
+        """Whether the pads after a row's real tokens change their logits when no padding mask is given.
+
+        Not for a causal LM: a real token attends only to the tokens before it, so batches run maskless
+        (see `_forward_inputs`). A model that also attends forward (bidirectional attention) would be scored
+        wrongly, and silently, so this is checked once per model: one forward of two rows that share 5 real
+        tokens and differ only in what follows them. Causal models give the same logits to the bit, fp32 or
+        bf16; a bidirectional one differs by ~3% of the logits' scale.
+        """
+        if id(model) not in self._needs_mask:
+            real = [i % 7 + 3 for i in range(5)]
+            ids = torch.tensor([real + [self.pad_token_id] * 3, real + [(self.pad_token_id + 1) % 7 + 3] * 3],
+                               device=device)
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.inference_mode():
+                    logits = model(input_ids=ids, use_cache=False).logits[:, :5].float()
+            finally:
+                model.train(was_training)
+            scale = float(logits.abs().max())
+            needs = not torch.allclose(logits[0], logits[1], rtol=0.0, atol=1e-4 * max(scale, 1e-6))
+            if needs:
+                logger.info("HeldoutPerplexity: padding changes this model's logits (it attends forward); "
+                            "batches carry a padding mask.")
+            self._needs_mask[id(model)] = needs
+        return self._needs_mask[id(model)]
 
     def _can_split(self, inner, device: torch.device) -> bool:
         """Whether decoder -> head reproduces the model's own logits (no softcapping, scaling, ...)."""
@@ -360,9 +395,11 @@ def _logits_buffer(inner, batches: list[_Batch], device: torch.device) -> torch.
     return torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=device)
 
 
-def _score_split(inner, batch: _Batch, device: torch.device, logits: torch.Tensor | None) -> torch.Tensor:
+def _score_split(
+    inner, batch: _Batch, device: torch.device, logits: torch.Tensor | None, masked: bool
+) -> torch.Tensor:
     decoder, head = _decoder_and_head(inner)
-    hidden = decoder(**_forward_ids(batch, device))[0]
+    hidden = decoder(**_forward_inputs(batch, device, masked))[0]
     selected = hidden[:, :-1][batch.score_mask.to(device)]  # [N, H]: only positions that predict a real token
     del hidden
     targets = batch.targets.to(device)
@@ -381,24 +418,28 @@ def _score_split(inner, batch: _Batch, device: torch.device, logits: torch.Tenso
     return nll
 
 
-def _score_full(model, batch: _Batch, device: torch.device) -> torch.Tensor:
+def _score_full(model, batch: _Batch, device: torch.device, masked: bool) -> torch.Tensor:
     # Fallback for sharded models and heads that post-process logits: the model builds the logits itself.
-    logits = model(**_forward_ids(batch, device)).logits
+    logits = model(**_forward_inputs(batch, device, masked)).logits
     selected = logits[:, :-1][batch.score_mask.to(logits.device)].float()  # boolean indexing copies
     return _nll_in_place(selected, batch.targets.to(logits.device))
 
 
-def _forward_ids(batch: _Batch, device: torch.device) -> dict:
-    """The forward's inputs: token ids only, no padding mask.
+def _forward_inputs(batch: _Batch, device: torch.device, masked: bool) -> dict:
+    """The forward's inputs: token ids, and a padding mask only for a model that needs one.
 
-    Rows are right padded and the model is causal, so a real token attends only to positions before it, all
-    real, at the same position ids as unpadded: its hidden state is the same with or without a padding mask,
-    and pad positions are never scored (tests: rotary, learned absolute and sliding-window attention).
-    Without the mask, attention may run causal-only (SDPA `is_causal`, the flash kernels on GPU, which take
-    no arbitrary mask) and no [B, 1, L, L] mask is built: 1-2% of a warm pass on CPU, results identical to
-    every digit (SmolLM2, lee40 / wiki48); the GPU gain is not measured here.
+    Rows are right padded. In a causal LM a real token attends only to positions before it, all real, at the
+    same position ids as unpadded: its hidden state is the same with or without a padding mask, and pad
+    positions are never scored (tests: rotary, learned absolute and sliding-window attention). Without the
+    mask, attention may run causal-only (SDPA `is_causal`, the flash kernels on GPU, which take no arbitrary
+    mask) and no [B, 1, L, L] mask is built: 1-2% of a warm pass on CPU, results identical to every digit
+    (SmolLM2, lee40 / wiki48); the GPU gain is not measured here. `masked`: see `_padding_needs_mask`.
     """
-    return {"input_ids": batch.input_ids.to(device), "use_cache": False}
+    inputs = {"input_ids": batch.input_ids.to(device), "use_cache": False}
+    if masked:
+        positions = torch.arange(batch.input_ids.shape[1])
+        inputs["attention_mask"] = (positions[None, :] < batch.lengths[:, None]).long().to(device)
+    return inputs
 
 
 def _nll_in_place(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -47,11 +47,8 @@ class RealStream:
         n = len(self.dataset)
         epoch, offset = divmod(self.draws * world + rank, n)
         if epoch != self._order_epoch:
-            if epoch == 1 and self._order_epoch in (-1, 0) and rank == 0:
-                # top-ups promise fresh rows; from here on they repeat, which a high floor can memorise
-                logger.warning("RealStream: the real pool (%d rows) is used up after %d top-ups; further "
-                               "top-ups repeat rows. Give a larger real_dataset or a lower floor.", n,
-                               self.draws * world)
+            if self._order_epoch < 1 <= epoch:  # the first pass is over (or was, before a resume)
+                self._say_used_up(f"{n} rows")
             dtype = np.int32 if n < 2**31 else np.int64
             self._order = np.random.default_rng([self.seed, epoch]).permutation(n).astype(dtype)
             self._order_epoch = epoch
@@ -60,12 +57,22 @@ class RealStream:
     def _next_streaming(self) -> dict[str, Any]:
         while True:
             if self._iterator is None:
-                self._iterator = iter(self._shard(self._iter_epoch + 1))
                 self._iter_epoch += 1
+                if self._iter_epoch == 1:
+                    self._say_used_up("streamed")
+                self._iterator = iter(self._shard(self._iter_epoch))
             try:
                 return next(self._iterator)
             except StopIteration:
                 self._iterator = None
+
+    def _say_used_up(self, pool: str) -> None:
+        # top-ups promise fresh rows; from here on they repeat, which a high floor can memorise
+        rank, world = rank_world()
+        if rank == 0:
+            logger.warning("RealStream: the real pool (%s) is used up after %d top-ups; further top-ups "
+                           "repeat rows. Give a larger real_dataset or a lower floor.", pool,
+                           self.draws * world)
 
     def _shard(self, epoch: int):
         from datasets.distributed import split_dataset_by_node
