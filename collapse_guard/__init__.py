@@ -22,6 +22,10 @@ _EXPORTS = {
     "MixingCollator": "collapse_guard.mixing",
     # the guard
     "CollapseGuardCallback": "collapse_guard.callbacks",
+    "GuardConfig": "collapse_guard.callbacks",
+    "PolicyGuardCallback": "collapse_guard.policy_guard",
+    "ProbeConfig": "collapse_guard.probe",
+    "FloorConfig": "collapse_guard.floor",
     "CollapseDetector": "collapse_guard.detector",
     "DetectorConfig": "collapse_guard.detector",
     "Verdict": "collapse_guard.detector",
@@ -59,12 +63,16 @@ __all__ = [
     "ContinuationGenerator",
     "DedupSelector",
     "DetectorConfig",
+    "FloorConfig",
+    "GuardConfig",
     "HeldoutPerplexity",
     "MagpieConfig",
     "MagpieGenerator",
     "MixingCollator",
     "PerplexitySelector",
+    "PolicyGuardCallback",
     "PrivacyFilter",
+    "ProbeConfig",
     "RewardModelSelector",
     "SelectionPipeline",
     "Selector",
@@ -94,10 +102,11 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from collapse_guard.callbacks import CollapseGuardCallback
+    from collapse_guard.callbacks import CollapseGuardCallback, GuardConfig
     from collapse_guard.config import load_config
     from collapse_guard.data import load_source
     from collapse_guard.detector import CollapseDetector, DetectorConfig, Verdict
+    from collapse_guard.floor import FloorConfig
     from collapse_guard.generation import (
         ContinuationConfig,
         ContinuationGenerator,
@@ -107,6 +116,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from collapse_guard.loop import run_rounds
     from collapse_guard.metrics import HeldoutPerplexity, diversity_metrics
     from collapse_guard.mixing import MixingCollator, mix_datasets
+    from collapse_guard.policy_guard import PolicyGuardCallback
+    from collapse_guard.probe import ProbeConfig
     from collapse_guard.provenance import with_provenance
     from collapse_guard.report import write_report
     from collapse_guard.selection import (

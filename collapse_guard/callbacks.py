@@ -5,6 +5,11 @@ before the first step and then as often as its cost budget allows, hands the his
 `CollapseDetector`, logs `collapse/*` to every `report_to` backend, and stops training on an alarm.
 Every rank measures the same numbers (all-reduced, gathered) and takes the same decision at the same
 step.
+
+Its parts live in their own modules: the schedule and cost account (`collapse_guard.budget`), the
+adaptive floor's application (`collapse_guard.floor.AdaptiveFloor`), the one stop decision
+(`collapse_guard.stop`) and, for trainers that generate their own completions (GRPO),
+`collapse_guard.policy_guard.PolicyGuardCallback`, which `attach` adds by itself.
 """
 
 from __future__ import annotations
@@ -16,23 +21,24 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
-from collapse_guard.detector import LEVELS, CollapseDetector, DetectorConfig, Verdict
-from collapse_guard.distributed import broadcast, is_main
-from collapse_guard.floor import FloorConfig, FloorController
-from collapse_guard.history import FILENAME, History, is_number, scalars
-from collapse_guard.policy import POLICY_RULES, policy_completions, policy_signals
+from collapse_guard.budget import MeasurementBudget
+from collapse_guard.detector import CollapseDetector, DetectorConfig, Verdict
+from collapse_guard.distributed import is_main
+from collapse_guard.floor import AdaptiveFloor, FloorConfig
+from collapse_guard.history import FILENAME, History, measurement, scalars, verdict_of, write_verdict
+from collapse_guard.policy_guard import PolicyGuardCallback
 from collapse_guard.probe import Probe, ProbeConfig
+from collapse_guard.signals import LEVELS, LOG_PREFIX, finite, is_number, logged_names
+from collapse_guard.stop import stop_on_alarm
 
 logger = logging.getLogger(__name__)
 
-LOG_PREFIX = "collapse/"
-# Logged at every measurement (the history file keeps everything): the headline signals, plus any signal a
-# rule flagged, so a console or a dashboard is not flooded with a dozen keys a step.
-LOGGED = ("heldout_ppl", "heldout_ppl_ratio", "distinct_2", "unigram_entropy", "self_bleu4", "low_ppl_share",
-          "mixing/real_fraction", "floor")
+# Logged at every measurement (the history file keeps everything): the registry's headline signals, plus
+# any signal a rule flagged, so a console or a dashboard is not flooded with a dozen keys a step.
+LOGGED = logged_names()
 
 
 @dataclass
@@ -88,11 +94,12 @@ class CollapseGuardCallback(TrainerCallback):
         detector: `DetectorConfig` (the collapse rules).
         reference_model: a frozen model (round 0's) scoring generations for the low-perplexity signal.
         start: a measurement of the model as training starts (the loop passes the previous round's), so the
-            guard does not measure it again.
+            guard does not measure it again; a verdict recorded in it is ignored.
         floor: `FloorConfig` to let the guard move the collator's real share with its verdicts (the adaptive
             floor, `collapse_guard.floor`); needs `collator`.
         policy_rules: the rules for an on-policy RL trainer's own completions (`collapse_guard.policy`,
-            default `POLICY_RULES`); used when the trainer generates (TRL's GRPOTrainer and kin).
+            default `POLICY_RULES`); used when the trainer generates (TRL's GRPOTrainer and kin), by the
+            `PolicyGuardCallback` that `attach` adds.
 
     Example:
 
@@ -132,30 +139,25 @@ class CollapseGuardCallback(TrainerCallback):
             raise ValueError("floor (the adaptive floor) moves a MixingCollator's real share: "
                              "pass collator=... too.")
         self.collator = collator
-        self.floor = FloorController(floor) if floor is not None else None
-        self._recheck_at: int | None = None
+        self.floor = AdaptiveFloor(floor, collator) if floor is not None else None
         self.detector = CollapseDetector(detector)
-        self.policy_detector = CollapseDetector(policy_rules or POLICY_RULES)
-        self.policy_history = History()
-        self.policy_verdict: Verdict | None = None
+        self.policy = PolicyGuardCallback(policy_rules, self.config.stop_training_on_alarm,
+                                          self._policy_history_path())
         self.reference_model = reference_model
-        self.start = start
+        self.start = measurement(start) if start is not None else None
+        self.budget = MeasurementBudget.from_config(self.config)
         self.trainer = None
         self.probe: Probe | None = None
         self.history = History()
         self.last_verdict: Verdict | None = None
-        self.stopped_at: int | None = None
-        self.spent = {"seconds": 0.0, "tokens": 0.0, "measurements": 0}
-        self._train = {"started": 0.0, "tokens": 0.0}
-        self._last_measured = -1
-        self._pending_logs: dict[str, float] = {}
-        self._measuring = False
+        self._stopped_at: int | None = None
+        self._baseline_unlogged: dict[str, Any] | None = None
 
     # ----- wiring ------------------------------------------------------------------------------------------
     def attach(self, trainer) -> CollapseGuardCallback:
         """Adds the guard (and its collator) to `trainer`, right behind the Trainer's flow control and ahead
-        of the `report_to` integrations, so its values reach TensorBoard / W&B / MLflow in the same log
-        call."""
+        of the `report_to` integrations; on a trainer that generates its own completions (GRPO) the policy
+        guard too."""
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
@@ -175,107 +177,96 @@ class CollapseGuardCallback(TrainerCallback):
                            self.reference_model)
         if self.collator is not None:
             self.collator.attach(trainer)
+        if PolicyGuardCallback.applies_to(trainer):
+            self.policy.attach(trainer, after=self)
         return self
 
     def _history_file(self, args) -> str:
         return self.config.history_path or os.path.join(args.output_dir, FILENAME)
 
-    # ----- measuring and deciding -------------------------------------------------------------------------
-    def _due(self, step: int, final: bool, max_steps: int = 0) -> bool:
-        """Whether to measure at `step`: spacing, then the cost budget (rank 0 decides for every rank).
+    def _policy_history_path(self) -> str | None:
+        path = self.config.history_path
+        return path.replace(".json", "_policy.json") if path else None
 
-        A due measurement is taken only if it and the final one (always taken) fit in the budget's share of
-        the whole job, its length projected from the steps so far.
-        """
-        if step == self._last_measured:
-            return False
-        if final or step == self._recheck_at:
-            return True
-        if step - max(self._last_measured, 0) < self.config.eval_steps:
-            return False
-        budget = self.config.cost_budget
-        if budget is None or not self.spent["measurements"]:
-            return True
-        unit = "seconds" if self.config.budget_unit == "time" else "tokens"
-        trained = (time.perf_counter() - self._train["started"] - self.spent["seconds"]) \
-            if unit == "seconds" else 3.0 * self._train["tokens"]
-        next_cost = self.spent[unit] / self.spent["measurements"]
-        projected = trained * max(1.0, max_steps / step) if step > 0 else trained
-        planned = self.spent[unit] + 2 * next_cost  # this one and the final one
-        return bool(broadcast(planned <= budget * (projected + planned)))
+    # ----- what the policy guard and the budget hold, under the names this class always had ----------------
+    @property
+    def policy_history(self) -> History:
+        return self.policy.history
 
+    @property
+    def policy_verdict(self) -> Verdict | None:
+        return self.policy.verdict
+
+    @property
+    def stopped_at(self) -> int | None:
+        """The step at which the guard (or its policy guard) stopped training; None if it did not."""
+        return self._stopped_at if self._stopped_at is not None else self.policy.stopped_at
+
+    @property
+    def spent(self) -> dict[str, float]:
+        return self.budget.spent
+
+    def cost_share(self) -> float:
+        """What the guard spent as a share of the run so far (its budget unit)."""
+        return self.budget.share()
+
+    # ----- measure -> judge -> log / stop -------------------------------------------------------------------
     def measure(self, model, step: int, final: bool = False) -> dict[str, Any]:
         """Measures `model` now (collective), judges the history and records the entry."""
-        generations = final or self.spent["measurements"] % self.config.generation_every == 0
-        self._measuring = True
-        try:
-            signals = self.probe.measure(model, generations=generations)
-        finally:
-            self._measuring = False
-        cost = signals.pop("cost")
-        self.spent["seconds"] += cost["seconds"]
-        self.spent["tokens"] += cost["forward_tokens"]
-        self.spent["measurements"] += 1
-        for part in ("perplexity_seconds", "generation_seconds", "signals_seconds"):
-            self.spent[part] = self.spent.get(part, 0.0) + cost.get(part, 0.0)
+        with self.budget.measurement():
+            signals = self.probe.measure(model, generations=self.budget.generates(final))
+        self.budget.record(step, signals.pop("cost"))
         entry = {"round": self.config.round_index, "step": step, "final": final, **signals}
+        # what on_log found non-finite at this step (loss, gradient norm) stays part of its entry
+        judged = self.history.at(self.config.round_index, step) or {}
+        entry.update({k: judged[k] for k in ("train_loss", "eval_loss", "grad_norm", "diverged")
+                      if k in judged and k not in entry})
         if self.collator is not None:
-            entry.update({f"mixing/{k}": v for k, v in self.collator.metrics().items()})
+            # before the first batch the realised share is undefined (NaN): left out, not logged as NaN
+            entry.update({f"mixing/{k}": v for k, v in self.collator.metrics().items() if finite(v)})
         self._judge(entry)
-        self._last_measured = step
         return entry
 
-    def _judge(self, entry: dict[str, Any], update_floor: bool = True) -> None:
+    def _judge(self, entry: dict[str, Any], update_floor: bool = True) -> Verdict:
         self.history.add(entry)
         started = time.perf_counter()
         verdict = self.detector.check(self.history.context(self.config.round_index))
-        self.spent["detector_seconds"] = (self.spent.get("detector_seconds", 0.0)
-                                          + time.perf_counter() - started)
+        self.budget.add_seconds("detector_seconds", time.perf_counter() - started)
         self.last_verdict = verdict
-        entry.update({k: v for k, v in verdict.signals.items() if k.endswith("_ratio")})
-        entry.update(level=verdict.level, reasons=list(verdict.reasons),
-                     evidence=verdict.to_dict().get("evidence", {}))
+        write_verdict(entry, verdict)
         if self.floor is not None and update_floor:
-            value, reason = self.floor.update(verdict.level)
-            # same verdicts on every rank: same floor at the same step
-            self.collator.min_real_fraction = value
-            entry.update(floor_reason=reason, **self.floor.state())
+            reason = self.floor.decide(entry, verdict.level)
             if is_main():
                 logger.info("collapse guard, round %d step %d: %s", entry["round"], entry["step"], reason)
-        self._pending_logs.update(self._log_values(entry))
         if verdict.level != "ok" and is_main():
             logger.warning("collapse guard, round %d step %d: %s", entry["round"], entry["step"], verdict)
+        return verdict
 
-    def _log_values(self, entry: dict[str, Any]) -> dict[str, float]:
+    def _stop_if_alarm(self, control, step: int) -> None:
+        hold = None
+        if self.floor is not None:  # the floor is at its maximum after an alarm: it looks again first
+            def hold(alarm: bool) -> bool:
+                return self.floor.hold_stop(alarm, step, self.config.eval_steps)
+
+        if stop_on_alarm(control, self.last_verdict, self.config.stop_training_on_alarm, hold):
+            self._stopped_at = step
+            self.history.at(self.config.round_index, step)["stopped"] = True
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        """Sends the entry's headline values (and every flagged signal) to every `report_to` backend, at
+        this step."""
         flagged = {k for k, e in (entry.get("evidence") or {}).items()
                    if isinstance(e, dict) and e.get("level") != "ok"}
         values = {LOG_PREFIX + k: v for k, v in scalars(entry).items() if k in LOGGED or k in flagged
                   or k.removesuffix("_ratio") in flagged}
         values[LOG_PREFIX + "level"] = float(LEVELS.index(entry.get("level", "ok")))
         values[LOG_PREFIX + "cost_share"] = self.cost_share()
-        return values
+        # The base Trainer.log: SFTTrainer's and GRPOTrainer's own log would flush their metric buffers here.
+        Trainer.log(self.trainer, values)
 
-    def _warn_if_over_budget(self) -> None:
-        """The first and the final measurement are never skipped: on a job too short for them, say so."""
-        budget, share = self.config.cost_budget, self.cost_share()
-        if budget is None or share <= budget or not is_main():
-            return
-        unit = "seconds" if self.config.budget_unit == "time" else "tokens"
-        each = self.spent[unit] / max(self.spent["measurements"], 1)
-        logger.warning(
-            "collapse guard: it took %.1f%% of this training run, over its cost_budget of %.1f%%: %d "
-            "measurement(s) of about %.3g %s each, and the first and the final one are always taken. The job "
-            "needs about %.3g %s of training for those two to fit the budget; or make a measurement cheaper "
-            "(ProbeConfig: fewer heldout texts, n_prompts, max_new_tokens, a shorter context_length).",
-            100 * share, 100 * budget, self.spent["measurements"], each, unit, 2 * each / budget, unit)
-
-    def cost_share(self) -> float:
-        """What the guard spent as a share of the run so far (its budget unit)."""
-        if self.config.budget_unit == "tokens":
-            total = 3.0 * self._train["tokens"] + self.spent["tokens"]
-            return self.spent["tokens"] / total if total else 0.0
-        elapsed = time.perf_counter() - self._train["started"]
-        return self.spent["seconds"] / elapsed if elapsed > 0 else 0.0
+    def _save(self, state) -> None:
+        if state.is_world_process_zero:
+            self.history.save()
 
     def summary(self) -> str:
         """What the guard saw, in a few lines: measurements, the verdict with its reasons, the real share
@@ -284,8 +275,10 @@ class CollapseGuardCallback(TrainerCallback):
         lines = [f"collapse guard: {len(entries)} measurements of round {self.config.round_index}, "
                  f"{self.cost_share():.1%} of training time spent measuring"]
         for e in entries:
-            ratio = e.get("heldout_ppl_ratio")
-            lines.append(f"  step {e['step']:>5}: held-out ppl {e['heldout_ppl']:.2f}"
+            ratio, ppl = e.get("heldout_ppl_ratio"), e.get("heldout_ppl")
+            # entries a NaN loss / gradient norm wrote between measurements hold no perplexity
+            ppl_text = f"held-out ppl {ppl:.2f}" if is_number(ppl) else "a training log (no measurement)"
+            lines.append(f"  step {e['step']:>5}: {ppl_text}"
                          + (f" (x{ratio:.3f} of the baseline)" if ratio is not None else "")
                          + f"  {e.get('level', '?')}")
         if self.last_verdict is not None:
@@ -301,135 +294,105 @@ class CollapseGuardCallback(TrainerCallback):
                          f"{int(m['real_top_up'])} real top-ups")
         return "\n".join(lines)
 
-    def _save(self, state) -> None:
-        if state.is_world_process_zero:
-            self.history.save()
-
-    def _stop_if_alarm(self, control, step: int) -> None:
-        alarm = self.last_verdict is not None and self.last_verdict.is_alarm
-        if (alarm and self.floor is not None and self.floor.config.recheck_before_stop
-                and self._recheck_at is None):
-            # the floor is at its maximum now: look again first
-            self._recheck_at = step + self.config.eval_steps
-            return
-        self._recheck_at = None if not alarm else self._recheck_at
-        if alarm and self.config.stop_training_on_alarm:
-            control.should_training_stop = True
-            self.stopped_at = step
-            self.history.entries[-1]["stopped"] = True
-
     # ----- Trainer events ---------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.trainer is None or self.probe is None:
             raise ValueError("CollapseGuardCallback was added without attach(): use guard.attach(trainer) "
                              "after building the trainer (it adds the guard and its collator in the right "
                              "place).")
-        path = self._history_file(args)
-        checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "collapse_guard",
-                                  FILENAME)
-        source = path if os.path.exists(path) or state.global_step == 0 else checkpoint
-        self.history = History.load(source) if os.path.exists(source) else History()
-        self.history.path = path
-        # a new run of this round, or a resume: what was measured after the checkpoint never happened
-        self.history.drop_after(self.config.round_index, state.global_step if state.global_step else -1)
-        self._train = {"started": time.perf_counter(), "tokens": 0.0}
-        self.spent = {"seconds": 0.0, "tokens": 0.0, "measurements": 0}
-        self.stopped_at, self._last_measured = None, -1
-        self._count_training_tokens(model)
+        step, round_index, resumed = state.global_step, self.config.round_index, state.global_step > 0
+        self.history = self._load_history(args, step)
+        self.last_verdict, self._stopped_at = None, None
+        self.budget.start(model=model)
         if self.floor is not None:
-            self.floor.restore(next((e for e in reversed(self.history.entries) if "floor" in e), None))
-            self.collator.min_real_fraction = self.floor.value
-        current = self.history.at(self.config.round_index, state.global_step)
-        if current is None and self.start is not None and state.global_step == 0:
-            current = self.history.add({**self.start, "round": self.config.round_index, "step": 0,
-                                        "final": False})
+            self.floor.begin(next((e for e in reversed(self.history.entries) if "floor" in e), None), resumed)
+        latest = self.history.last(round_index)
+        if resumed and latest is not None:
+            # Continues from the latest measurement before the checkpoint, as the uninterrupted run did: no
+            # measurement (nor log) at the resume step, which the uninterrupted run did not measure either.
+            self.budget.last_measured = latest["step"]
+            self.last_verdict = verdict_of(latest)
+            return
+        current = self.history.at(round_index, step)
+        if current is None and self.start is not None and not resumed:
+            current = self.history.add({**self.start, "round": round_index, "step": 0, "final": False})
         if current is None:
-            self.measure(model, state.global_step)
-        else:  # resumed (or measured by the loop): judged again for the logs, the floor state is restored
-            self._judge(current, update_floor=state.global_step == 0 and "floor" not in current)
-            self._last_measured = state.global_step
+            current = self.measure(model, step)
+        else:  # measured by the loop: judged here (the floor's first decision, unless it holds one)
+            self._judge(current, update_floor="floor" not in current)
+            self.budget.last_measured = step
         self._save(state)
+        self._baseline_unlogged = current  # logged at the first step's begin, still at step 0
 
-    def _count_training_tokens(self, model) -> None:
-        """Counts the tokens the model trains on (the 'tokens' budget), skipping the guard's own forwards."""
-        module = getattr(model, "module", model)
 
-        def hook(_module, args, kwargs):
-            if not self._measuring:
-                mask = kwargs.get("attention_mask")
-                ids = kwargs.get("input_ids", args[0] if args else None)
-                self._train["tokens"] += float(mask.sum()) if mask is not None else float(ids.numel())
+    def _load_history(self, args, step: int) -> History:
+        """The shared history, or on a resume whose shared file is gone the checkpoint's copy; without what
+        came after `step` (a new run of this round, or a resume: it never happened)."""
+        path = self._history_file(args)
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{step}", "collapse_guard", FILENAME)
+        source = path if os.path.exists(path) or step == 0 else checkpoint
+        history = History.load(source) if os.path.exists(source) else History()
+        history.path = path
+        history.drop_after(self.config.round_index, step if step else -1)
+        return history
 
-        if not getattr(module, "_collapse_guard_counting", False):
-            module.register_forward_pre_hook(hook, with_kwargs=True)
-            module._collapse_guard_counting = True
+    def on_step_begin(self, args, state, control, **kwargs):
+        # The baseline reaches every report_to backend at step 0, once their own on_train_begin (which runs
+        # after ours and tells TensorBoard its folder) has set them up.
+        if self._baseline_unlogged is not None:
+            self._log(self._baseline_unlogged)
+            self._baseline_unlogged = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        final = state.global_step >= state.max_steps
-        if (self._due(state.global_step, final, state.max_steps)
-                or control.should_evaluate and state.global_step != self._last_measured):
-            self.measure(model, state.global_step, final=final)
-            self._stop_if_alarm(control, state.global_step)
+        step = state.global_step
+        recheck = self.floor is not None and step == self.floor.recheck_at
+        if (self.budget.due(step, step >= state.max_steps, state.max_steps, forced=recheck)
+                or control.should_evaluate and step != self.budget.last_measured):
+            entry = self.measure(model, step, final=step >= state.max_steps)
+            self._stop_if_alarm(control, step)
             self._save(state)
-            control.should_log = True  # flush collapse/* at this step: report_to sees them now
+            self._log(entry)
+            # a loss row at every measurement too, so loss and verdict share a step on every dashboard (the
+            # loop's mean logged loss counts these rows)
+            control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return
+        logs = logs or {}
         loss = logs.get("loss", logs.get("eval_loss"))
-        # a diverged run: judged now, not at the next measurement
-        if is_number(loss) and not math.isfinite(loss):
-            entry = self.history.at(self.config.round_index, state.global_step) or {
-                "round": self.config.round_index, "step": state.global_step, "final": False}
-            entry["train_loss" if "loss" in logs else "eval_loss"] = float(loss)
-            self._judge(entry)
-            self._stop_if_alarm(control, state.global_step)
-            self._save(state)
-        # Trainer.evaluate logs before on_evaluate: join them here
-        if any(k.startswith("eval_") for k in logs):
-            entry = self.history.at(self.config.round_index, state.global_step)
-            if entry is None:
-                entry = self.measure(kwargs["model"], state.global_step)
-                self._save(state)
-            logs.update(self._eval_values(entry))
-        else:
-            self._judge_policy(args, state, control, logs)
-            logs.update(self._pending_logs)
-            self._pending_logs.clear()
-        # Trainer.log appended a copy of `logs` to log_history before calling us: complete that copy too
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update({k: v for k, v in logs.items() if k not in state.log_history[-1]})
-
-    def _judge_policy(self, args, state, control, logs: dict[str, Any]) -> None:
-        """On-policy RL: the diversity of the trainer's own latest completions, judged against the first
-        logging step's (no extra generation; see `collapse_guard.policy`)."""
-        completions = policy_completions(self.trainer) if self.trainer is not None else None
-        if not completions or len(completions) < 2 or self.policy_history.at(0, state.global_step):
+        # The gradient norm is not hidden by logging_nan_inf_filter (on by default, it logs the running mean
+        # in place of a NaN loss). Under fp16 the loss scaler skips steps whose gradients overflowed, so a
+        # non-finite norm is routine there and says nothing.
+        norm = None if args.fp16 else logs.get("grad_norm")
+        bad_loss = is_number(loss) and not math.isfinite(loss)
+        bad_norm = is_number(norm) and not math.isfinite(norm)
+        if not (bad_loss or bad_norm):
             return
-        entry = self.policy_history.add({"round": 0, "step": state.global_step, "final": False,
-                                         **policy_signals(completions, logs)})
-        verdict = self.policy_detector.check(self.policy_history.entries)
-        self.policy_verdict = verdict
-        entry.update(level=verdict.level, reasons=list(verdict.reasons))
-        entry.update({k: v for k, v in verdict.signals.items() if k.endswith("_ratio")})
-        self.policy_history.path = self._history_file(args).replace(".json", "_policy.json")
-        if state.is_world_process_zero:
-            self.policy_history.save()
-        logs.update({f"{LOG_PREFIX}policy/{k}": v for k, v in scalars(entry).items()})
-        logs[f"{LOG_PREFIX}policy/level"] = float(LEVELS.index(verdict.level))
-        if verdict.level != "ok" and is_main():
-            logger.warning("collapse guard (policy completions), step %d: %s", state.global_step, verdict)
-        if verdict.is_alarm and self.config.stop_training_on_alarm:
-            control.should_training_stop = True
-            self.stopped_at = state.global_step
+        if not bad_loss and any(e.get("diverged") for e in self.history.entries
+                                if e["round"] == self.config.round_index and e["step"] < state.global_step):
+            return  # said once this round; training goes on only because stop_training_on_alarm is off
+        # a diverged run: judged now, not at the next measurement
+        entry = self.history.at(self.config.round_index, state.global_step) or {
+            "round": self.config.round_index, "step": state.global_step, "final": False}
+        if bad_loss:
+            entry["train_loss" if "loss" in logs else "eval_loss"] = float(loss)
+        if bad_norm:
+            entry["grad_norm"] = float(norm)
+            entry.setdefault("diverged", f"model diverged: grad_norm is {norm} at step {state.global_step} "
+                                         "(the update wrote non-finite gradients into the weights)")
+        self._judge(entry)
+        self._stop_if_alarm(control, state.global_step)
+        self._save(state)
+        self._log(entry)
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         entry = self.history.at(self.config.round_index, state.global_step)
         if entry is None:
             entry = self.measure(model, state.global_step)
             self._save(state)
-        if metrics is not None:
-            metrics.update(self._eval_values(entry))
+        if metrics is not None:  # what EarlyStoppingCallback and metric_for_best_model read
+            values = self._eval_values(entry)
+            metrics.update(values)
+            Trainer.log(self.trainer, dict(values))
 
     @staticmethod
     def _eval_values(entry: dict[str, Any]) -> dict[str, float]:
@@ -442,15 +405,15 @@ class CollapseGuardCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:  # a copy travels with the checkpoint
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", "collapse_guard")
-            History(os.path.join(folder, FILENAME), self.history.entries).save()
+            self.history.save(os.path.join(folder, FILENAME))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self._last_measured != state.global_step:  # stopped early: the final model still gets a verdict
-            self.measure(model, state.global_step, final=True)
+        self.on_step_begin(args, state, control)  # a run with no step still logs its baseline
+        if self.budget.last_measured != state.global_step:  # stopped early: the final model gets a verdict
+            entry = self.measure(model, state.global_step, final=True)
+            self._save(state)
+            self._log(entry)  # reaches every report_to backend before they close
         else:
             self.history.at(self.config.round_index, state.global_step)["final"] = True
-        self._save(state)
-        self._warn_if_over_budget()
-        if self._pending_logs and self.trainer is not None:
-            self.trainer.log(dict(self._pending_logs))  # reaches every report_to backend before they close
-            self._pending_logs.clear()
+            self._save(state)
+        self.budget.warn_if_over()

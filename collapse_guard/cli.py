@@ -120,9 +120,11 @@ def cmd_ratio_search(args: argparse.Namespace) -> int:
 
 
 def _recipe_names() -> str:
-    from collapse_guard.config import builtin_recipes
+    # read from the folder, not through collapse_guard.config: that module imports the components whose
+    # configs its sections hold (transformers), and `--help` must stay instant
+    from pathlib import Path
 
-    return ", ".join(builtin_recipes())
+    return ", ".join(sorted(p.stem for p in (Path(__file__).parent / "recipes").glob("*.yaml")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,17 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user fixes (one line, exit status 2); imported only when something failed, since the
+    recipe module imports the components whose configs it holds."""
+    from collapse_guard.config import ConfigError
+    from collapse_guard.data import DataFormatError
+    from collapse_guard.generation.backends import ModelDivergedError  # generating from a NaN model
+    from collapse_guard.rundir import RunFolderError
+
+    return ConfigError, RunFolderError, DataFormatError, UsageError, FileNotFoundError, ModelDivergedError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    from collapse_guard.config import ConfigError
-    from collapse_guard.data import DataFormatError
-    from collapse_guard.rundir import RunFolderError
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, RunFolderError, DataFormatError, UsageError, FileNotFoundError) as err:
+    except Exception as err:
+        if not isinstance(err, _expected_errors()):
+            raise
         print(f"collapse-guard: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

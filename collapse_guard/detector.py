@@ -29,24 +29,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from collapse_guard.signals import LEVELS, names
+from collapse_guard.signals import finite as _finite
+from collapse_guard.signals import is_number as _is_number
 from collapse_guard.stats import TEXT_SIGNALS, RatioInterval, diversity_ratio_intervals, ppl_ratio_interval
 
-LEVELS = ("ok", "warn", "alarm")
-# Keys of a history entry that describe it rather than measure the model.
 # Relative disagreement between a stored heldout_ppl and the one its per-document sums give, past which the
 # sums are taken to belong to other documents (a wiring bug) and are not used: rounding stays far below it.
 _PPL_CONSISTENCY = 1e-3
+# Key of a history entry that says, in words, that the measured model diverged (NaN/inf logits): an alarm.
+DIVERGED = "diverged"
 # Keys of each `Verdict.evidence` entry, in order.
 EVIDENCE_FIELDS = ("value", "baseline", "against", "ratio", "low", "high", "n", "confidence", "method",
                    "level", "rule")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _finite(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -134,7 +129,7 @@ class DetectorConfig:
                           "(percentile and jackknife intervals are unreliable on a handful of items)."},
     )
     diversity_signals: tuple[str, ...] = field(
-        default=("distinct_1", "distinct_2", "distinct_3", "distinct_4", "unigram_entropy", "tail_coverage"),
+        default=names(rule="diversity"),  # the registry's (collapse_guard.signals)
         metadata={"help": "Signals that shrink under collapse; their ratio to the baseline is checked."},
     )
     diversity_ratio_warn: float = field(
@@ -175,7 +170,7 @@ class DetectorConfig:
         metadata={"help": "Alarm when the low-ppl share > this."},
     )
     nonfinite_alarm_signals: tuple[str, ...] = field(
-        default=("heldout_ppl", "train_loss", "eval_loss"),
+        default=names(nonfinite_alarm=True),
         metadata={"help": "A NaN or infinite value of any of these signals is an alarm."},
     )
     min_baseline: float = field(
@@ -237,6 +232,9 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
     signals: dict[str, float] = field(default_factory=dict)
     evidence: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The level each reason raised, in step with `reasons` (what `deciding_reasons` reads). Not written by
+    # `to_dict`: a verdict read back from a file keeps its reasons in the order they were found.
+    reason_levels: list[str] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -251,10 +249,26 @@ class Verdict:
     def is_alarm(self) -> bool:
         return self.level == "alarm"
 
+    @property
+    def diverged(self) -> bool:
+        """Whether an alarm says the model diverged (a `diverged` text, or a NaN/inf signal): a model nothing
+        can be built on, not one that collapses."""
+        return any(e.get("level") == "alarm"
+                   and (name == DIVERGED or str(e.get("rule", "")).startswith("alarm when not finite"))
+                   for name, e in self.evidence.items())
+
     def raise_to(self, level: str, reason: str) -> None:
         if LEVELS.index(level) > self.severity:
             self.level = level
         self.reasons.append(reason)
+        self.reason_levels.append(level)
+
+    def deciding_reasons(self) -> list[str]:
+        """The reasons that set `level` (an alarm's alarms, not the warnings found before them), in the order
+        found; every reason where their levels are unknown (a verdict built from its reasons or a file)."""
+        if len(self.reason_levels) != len(self.reasons):
+            return list(self.reasons)
+        return [r for r, level in zip(self.reasons, self.reason_levels, strict=True) if level == self.level]
 
     def to_dict(self) -> dict[str, Any]:
         return {"level": self.level, "reasons": list(self.reasons), "signals": dict(self.signals),
@@ -324,6 +338,23 @@ def _evidence(value, baseline, against: str | None, ratio, est: RatioInterval | 
     }
 
 
+def _numeric_signals(entry: Mapping[str, Any], names: set[str], where: str) -> Mapping[str, Any]:
+    """`entry`, with numpy / torch scalars among the judged signals as floats; a signal that is no number
+    (the string "120.0") is refused: skipped as "not measured", it would let the verdict read OK."""
+    converted = {}
+    for name in names & set(entry):
+        value = entry[name]
+        if value is None or _is_number(value):
+            continue
+        item = getattr(value, "item", None)
+        number = item() if callable(item) and getattr(value, "ndim", 0) == 0 else None
+        if not _is_number(number):
+            raise TypeError(f"{where}[{name!r}] must be a number (or None: not measured), got "
+                            f"{type(value).__name__} {value!r}; convert it, e.g. float(value).")
+        converted[name] = float(number)
+    return {**entry, **converted} if converted else entry
+
+
 class CollapseDetector:
     """Turns a metric history into a `Verdict` (ok / warn / alarm, with reasons and evidence).
 
@@ -341,7 +372,8 @@ class CollapseDetector:
     - self-BLEU-4: alarm when L > self_bleu_ratio_alarm, warn when L > self_bleu_ratio_warn, either only
       with an absolute rise >= self_bleu_min_rise.
     - low-ppl share (absolute): alarm above low_ppl_share_alarm, warn above low_ppl_share_warn.
-    - a non-finite `nonfinite_alarm_signals` value in the baseline or the latest entry: alarm.
+    - a non-finite `nonfinite_alarm_signals` value in the baseline or the latest entry: alarm; so is a
+      `diverged` text (the probe's reason, e.g. "model diverged: held-out perplexity is nan (...)").
 
     Example:
 
@@ -374,9 +406,15 @@ class CollapseDetector:
         verdict = Verdict()
         if not history:
             return verdict
+        c = self.config
+        scalar_signals = {c.ppl_signal, *c.diversity_signals, c.self_bleu_signal, c.low_ppl_signal,
+                          *c.nonfinite_alarm_signals}
+        checked = []
         for i, entry in enumerate(history):
             if not isinstance(entry, Mapping):
                 raise TypeError(f"history[{i}] must be a dict of signals, got {type(entry).__name__}.")
+            checked.append(_numeric_signals(entry, scalar_signals, f"history[{i}]"))
+        history = checked
         baseline, latest = history[0], history[-1]
         baseline_label = _label(baseline, "the baseline")
         self._nonfinite(latest, baseline, verdict)
@@ -443,9 +481,27 @@ class CollapseDetector:
     # ----- rules ------------------------------------------------------------------------------
     def _nonfinite(self, latest: Mapping[str, Any], baseline: Mapping[str, Any], verdict: Verdict) -> None:
         entries = [("latest", latest)] + ([("baseline", baseline)] if baseline is not latest else [])
+        explained = set()
+        for which, entry in entries:
+            # The probe's own words on a diverged model ("model diverged: held-out perplexity is nan
+            # (non-finite weights in 12 of 20 parameter tensors)"): kept as the reason, and it survives a
+            # history file that stores a non-finite number as null.
+            reason = entry.get(DIVERGED)
+            if isinstance(reason, str) and reason:
+                value = entry.get(self.config.ppl_signal)
+                evidence = _evidence(value if _is_number(value) else None, None, None, None, None,
+                                     "point estimate", f"alarm when the model diverged (here: the {which} "
+                                                       "evaluation)")
+                verdict.evidence[DIVERGED] = {**evidence, "level": "alarm"}
+                verdict.raise_to("alarm", reason if which == "latest" else f"{reason} ({which} evaluation)")
+                explained.add((which, self.config.ppl_signal))
         for name in self.config.nonfinite_alarm_signals:
             for which, entry in entries:
                 value = entry.get(name)
+                if (which, name) in explained:  # said already, in the probe's words
+                    if _is_number(value):
+                        verdict.signals[name] = float(value)
+                    continue
                 if _is_number(value) and not math.isfinite(value):
                     verdict.signals[name] = float(value)
                     evidence = _evidence(value, None, None, None, None, "point estimate",

@@ -100,3 +100,60 @@ class FloorController:
         if entry and "floor" in entry:
             self.value = float(entry["floor"])
             self.healthy = int(entry.get("floor_healthy", 0))
+
+
+class AdaptiveFloor:
+    """The controller's decisions applied to a `MixingCollator`, which owns the floor.
+
+    The floor has one owner, the collator: its checkpoint restores the floor on a resume. The controller
+    keeps only the healthy streak and reads the current floor from the collator before each decision. The
+    history (where every decision is recorded) sets the floor only when a trainer starts from step 0 with
+    no checkpoint, e.g. the next round of a loop, which continues the previous round's floor.
+    """
+
+    def __init__(self, config: FloorConfig, collator):
+        from collapse_guard.mixing.policy import validate_real_fraction
+
+        # the floor will reach `minimum`: refused now if the collator's setter would refuse it mid-training
+        validate_real_fraction(config.minimum, getattr(collator, "allow_low_real_fraction", True),
+                               key="FloorConfig.minimum")
+        self.controller = FloorController(config)
+        self.collator = collator
+        self.recheck_at: int | None = None
+
+    @property
+    def config(self) -> FloorConfig:
+        return self.controller.config
+
+    def begin(self, last_decision: dict[str, Any] | None, resumed: bool) -> None:
+        """A trainer starts: continue the decisions recorded in the history (`last_decision`, the latest
+        entry that holds a floor). On a resume the collator's checkpoint restores the floor itself."""
+        self.recheck_at = None
+        self.controller.restore(last_decision)
+        if not resumed:
+            self._apply(self.controller.value)
+
+    def decide(self, entry: dict[str, Any], level: str) -> str:
+        """Moves the floor for a verdict of `level` and records the decision in `entry`. Every rank holds
+        the same verdicts, so every rank sets the same floor at the same step."""
+        self.controller.value = float(self.collator.min_real_fraction)
+        value, reason = self.controller.update(level)
+        self._apply(value)
+        entry.update(floor_reason=reason, **self.controller.state())
+        return reason
+
+    def hold_stop(self, alarm: bool, step: int, eval_steps: int) -> bool:
+        """Whether to hold an alarm's stop: the first alarm raised the floor to its maximum, so the guard
+        looks again `eval_steps` later (`recheck_at`) before it stops, if the config asks for it."""
+        if alarm and self.config.recheck_before_stop and self.recheck_at is None:
+            self.recheck_at = step + eval_steps
+            return True
+        if not alarm:
+            self.recheck_at = None
+        return False
+
+    def _apply(self, value: float) -> None:
+        if hasattr(self.collator, "set_floor"):  # the collator's validating setter
+            self.collator.set_floor(value)
+        else:  # a MixingCollator from before set_floor existed
+            self.collator.min_real_fraction = value

@@ -156,9 +156,10 @@ def _vocab_size(directory) -> int:
 
 
 def _private_temp(target: Path) -> Path:
-    """A temp folder next to `target` that no other process uses (atomic rename target)."""
+    """A temp folder next to `target` that no other process uses (atomic rename target); its name carries
+    the pid, so the next run can remove it if a kill leaves it behind (`io.stale_temp_files`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp{os.getpid()}.", dir=target.parent))
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -198,7 +199,7 @@ def _prepare_base_model(config: LoopConfig, run_dir: Path) -> Path:
 
 def _make_context(config: LoopConfig, state: RunState, run_dir: Path,
                   shared: dict[str, Any] | None = None) -> RunContext:
-    from collapse_guard.data import load_source, texts_of
+    from collapse_guard.data import data_format, load_source, require_chat_template, texts_of
 
     progress = Progress(config.name, config.rounds)
     progress.phase(0, f"loading {config.model.name_or_path} and the data")
@@ -209,10 +210,14 @@ def _make_context(config: LoopConfig, state: RunState, run_dir: Path,
     extra = {name: texts_of(load_source(spec, data.max_heldout, data.max_words))
              for name, spec in data.extra_heldout.items()}
     history = History.load(run_dir / HISTORY_FILENAME)
+    tokenizer = load_tokenizer(base_dir)
+    # before round 0: TRL would fail on it deep inside round 1's training
+    require_chat_template(data_format(real), tokenizer, f"data.real={data.real!r}",
+                          repr(config.model.name_or_path))
     return RunContext(
-        config=config, run_dir=run_dir, state=state, tokenizer=load_tokenizer(base_dir),
+        config=config, run_dir=run_dir, state=state, tokenizer=tokenizer,
         base_model_dir=base_dir, real=real, heldout_texts=heldout_texts,
-        eval_prompts=heldout_texts[: config.evaluation.get("n_prompts", 32)], extra_heldout=extra,
+        eval_prompts=heldout_texts[: config.evaluation.n_prompts], extra_heldout=extra,
         history=history, progress=progress, shared=shared if shared is not None else {},
     )
 
@@ -253,12 +258,12 @@ def generate_step(ctx: RunContext, r: int):
     if c.mixing.min_real_fraction >= 1.0 and c.mixing.mode != "accumulate":  # a real-only control needs none
         return _save_generated(ctx, r, ctx.real.select([]).map(lambda ex: ex), {"rows": 0, "tokens": 0})
     n = math.ceil(c.n_samples * c.pool_factor)
-    ctx.progress.phase(r, f"generating {n} {c.generation.get('method', 'continuation')} samples"
+    ctx.progress.phase(r, f"generating {n} {c.generation.method} samples"
                           + (f" (a {c.pool_factor:g}x pool: selection keeps {c.n_samples})"
                              if c.pool_factor > 1 else ""))
     model = load_model(ctx.model_dir(r - 1), c.model.dtype)
-    settings = c.generation_config()
-    if c.generation.get("method") == "magpie":
+    settings = copy.copy(c.generation.settings)  # a copy: show_progress is set per rank below
+    if c.generation.method == "magpie":
         generator = MagpieGenerator(model, ctx.tokenizer, settings)
         generated = generator.generate(n, seed=c.seed + r, round_index=r)
     else:
@@ -292,20 +297,27 @@ def _continuation_prompts(ctx: RunContext, r: int, n: int) -> list[str]:
     return [texts[i] for i in order]
 
 
-def build_selection(ctx: RunContext):
-    """The recipe's selectors; parameters left unset are filled by name (see `LoopConfig.selectors`)."""
+def _available(ctx: RunContext) -> dict[str, Any]:
+    """What a selector's constructor may ask for by name (`config.PROVIDED`)."""
     import numpy as np
 
     from collapse_guard.data import texts_of
-    from collapse_guard.selection import SelectionPipeline
 
     real_texts = texts_of(ctx.real)
     sample = np.random.default_rng(ctx.config.seed).permutation(len(real_texts))[:HUMAN_REFERENCE_SIZE]
-    available = {"tokenizer": ctx.tokenizer, "model": Lazy(ctx.reference_model),
-                 "reference_model": Lazy(ctx.reference_model), "real_texts": real_texts,
-                 "human_texts": [real_texts[int(i)] for i in sample], "eval_texts": ctx.heldout_texts,
-                 "heldout_texts": ctx.heldout_texts, "keep": ctx.config.n_samples}
-    return SelectionPipeline([build_component(spec, key=f"selectors[{i}]", **available)
+    return {"tokenizer": ctx.tokenizer, "model": Lazy(ctx.reference_model),
+            "reference_model": Lazy(ctx.reference_model), "real_texts": real_texts,
+            "human_texts": [real_texts[int(i)] for i in sample], "eval_texts": ctx.heldout_texts,
+            "heldout_texts": ctx.heldout_texts, "keep": ctx.config.n_samples}
+
+
+def build_selection(ctx: RunContext):
+    """The recipe's selectors; parameters left unset are filled by name (see `LoopConfig.selectors`)."""
+    from collapse_guard.selection import SelectionPipeline
+
+    available = _available(ctx)
+    return SelectionPipeline([build_component(spec, f"selectors[{i}]", ctx.config.trust_recipe_code,
+                                              **available)
                               for i, spec in enumerate(ctx.config.selectors)])
 
 
@@ -406,13 +418,12 @@ def _sft_config(ctx: RunContext, r: int, output_dir: Path):
     from trl import SFTConfig
 
     on_cpu = not torch.cuda.is_available()
+    # the per-round and per-machine values; the loop's other defaults are `TrainingConfig`'s
     kwargs: dict[str, Any] = {
-        "output_dir": str(output_dir), "seed": ctx.config.seed + r, "report_to": [], "save_strategy": "steps",
-        "save_steps": 50, "save_total_limit": 2, "logging_steps": 10, "use_cpu": on_cpu,
+        "output_dir": str(output_dir), "seed": ctx.config.seed + r, "use_cpu": on_cpu,
         "bf16": False if on_cpu else torch.cuda.is_bf16_supported(), "disable_tqdm": not is_main(),
-        "dataset_text_field": "text", "lr_scheduler_type": "constant",
     }
-    kwargs.update(ctx.config.sft_fields())
+    kwargs.update(ctx.config.training.sft_kwargs())
     return SFTConfig(**kwargs)
 
 
@@ -469,22 +480,27 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
     # Top-ups continue the real stream where the previous round's stopped: with one seed and a fresh stream
     # each round, every round would top up with the same first rows, and a high floor then memorises them.
     previous = (read_json(ctx.round_dir(r - 1) / "train.json", default={}) or {}) if r > 1 else {}
+    synthetic_filter = None
+    if m.synthetic_filter is not None:
+        synthetic_filter = build_component(m.synthetic_filter, "mixing.synthetic_filter", c.trust_recipe_code,
+                                           **_available(ctx)).as_batch_filter()
     collator = MixingCollator(real_dataset=ctx.real, min_real_fraction=floor, unit=m.unit, seed=c.seed,
-                              allow_low_real_fraction=True, max_growth=m.max_growth,
+                              floor_scope=m.floor_scope, allow_low_real_fraction=True,
+                              max_growth=m.max_growth, synthetic_filter=synthetic_filter,
                               real_stream_start=int(previous.get("real_stream_draws", 0)))
     guard = None
-    if c.guard.get("enabled", True):
+    if c.guard.enabled:
         start = ctx.history.at(r - 1, _final_step(ctx, r - 1)) if c.model.init_from == "previous" \
             else ctx.history.baseline
         guard = CollapseGuardCallback(
             ctx.heldout_texts, prompts=ctx.eval_prompts, collator=collator,
-            config=c.guard_config(r, str(ctx.run_dir / HISTORY_FILENAME)), probe=c.probe_config(),
-            detector=c.detector_config(), start=_strip_verdict(start), floor=c.floor_config())
+            config=c.guard.for_round(r, str(ctx.run_dir / HISTORY_FILENAME)), probe=c.evaluation.probe(),
+            detector=c.detector, start=_strip_verdict(start), floor=c.guard.floor)
         guard.attach(trainer)
     else:
         collator.attach(trainer)
     for i, spec in enumerate(c.callbacks):
-        trainer.add_callback(build_component(spec, key=f"callbacks[{i}]"))
+        trainer.add_callback(build_component(spec, f"callbacks[{i}]", c.trust_recipe_code))
     checkpoint = _last_checkpoint(output_dir)
     ctx.progress.phase(r, f"training on {len(train_dataset)} rows "
                           f"({trainer.args.num_train_epochs:g} epoch(s))"
@@ -555,8 +571,8 @@ def _probe(ctx: RunContext, reference: bool):
 
     key = "probe_ref" if reference else "probe"
     if key not in ctx.cache:
-        ctx.cache[key] = Probe(ctx.heldout_texts, ctx.tokenizer, ctx.config.probe_config(), ctx.eval_prompts,
-                               reference_model=ctx.reference_model() if reference else None)
+        ctx.cache[key] = Probe(ctx.heldout_texts, ctx.tokenizer, ctx.config.evaluation.probe(),
+                               ctx.eval_prompts, reference_model=ctx.reference_model() if reference else None)
     return ctx.cache[key]
 
 
@@ -576,7 +592,7 @@ def evaluate_step(ctx: RunContext, r: int) -> dict[str, Any]:
             atomic_write_json(ctx.round_dir(r) / "eval.json", payload)
         barrier()
         return entry
-    extras_wanted = c.evaluation.get("generated_perplexity", True)
+    extras_wanted = c.evaluation.generated_perplexity
     entry = next((e for e in reversed(ctx.history.entries) if e["round"] == r and e.get("final")), None)
     model = None
     if entry is None or "generations" not in entry:
@@ -590,14 +606,14 @@ def evaluate_step(ctx: RunContext, r: int) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if ctx.extra_heldout:
         model = model or load_model(ctx.model_dir(r), c.model.dtype)
-        e = c.probe_config()
+        e = c.evaluation
         for name, texts in ctx.extra_heldout.items():
             entry[f"heldout_ppl@{name}"] = HeldoutPerplexity(texts, ctx.tokenizer, e.context_length, e.stride,
                                                              e.max_batch_tokens).compute(model).perplexity
     if extras_wanted and entry.get("generations"):
         ctx.progress.phase(r, "scoring generations and generated data with round 0's model")
         reference = ctx.reference_model()
-        e = c.probe_config()
+        e = c.evaluation
         human = ctx.cache.get("human_ref_ppl")
         if human is None:
             human = ctx.cache["human_ref_ppl"] = document_perplexities(
@@ -633,7 +649,7 @@ def detect_step(ctx: RunContext, r: int, entry: dict[str, Any]):
 
     ctx.history.add(entry)
     finals = [e for e in ctx.history.finals() if e["round"] <= r]
-    verdict = CollapseDetector(ctx.config.detector_config()).check(finals)
+    verdict = CollapseDetector(ctx.config.detector).check(finals)
     entry.update(level=verdict.level, reasons=list(verdict.reasons),
                  evidence=verdict.to_dict().get("evidence", {}))
     entry.update({k: v for k, v in verdict.signals.items() if k.endswith("_ratio")})
@@ -641,12 +657,21 @@ def detect_step(ctx: RunContext, r: int, entry: dict[str, Any]):
         atomic_write_json(ctx.round_dir(r) / "verdict.json", verdict.to_dict())
         ctx.history.save()
     barrier()
+    ctx.progress.phase(r, verdict_line(verdict, entry, r))
+    return verdict
+
+
+def verdict_line(verdict, entry: dict[str, Any], r: int) -> str:
+    """The round's console line: the level, held-out ppl, and the reasons that set the level (an alarm's
+    alarms, not a warning the detector happened to find first: those are only counted)."""
     word = {"ok": "ok", "warn": "WARNING", "alarm": "ALARM"}[verdict.level]
     ratio = entry.get("heldout_ppl_ratio")
-    ctx.progress.phase(r, f"verdict {word}: held-out ppl {entry['heldout_ppl']:.2f}"
-                          + (f" (x{ratio:.3f} of round 0)" if ratio is not None and r else "")
-                          + (f"; {verdict.reasons[0]}" if verdict.reasons else ""))
-    return verdict
+    deciding = verdict.deciding_reasons()
+    others = len(verdict.reasons) - len(deciding)
+    return (f"verdict {word}: held-out ppl {entry['heldout_ppl']:.2f}"
+            + (f" (x{ratio:.3f} of round 0)" if ratio is not None and r else "")
+            + "".join(f"; {reason}" for reason in deciding)
+            + (f" (and {others} warning{'s' if others > 1 else ''}: see verdict.json)" if others else ""))
 
 
 def artifacts_step(ctx: RunContext, r: int) -> None:
@@ -737,12 +762,20 @@ def run_rounds(config: LoopConfig, restart: bool = False,
         if state.started and is_main():
             logger.info("%s: continuing the run in %s.", config.name, run_dir)
         ctx = _make_context(config, state, run_dir, shared)
-        run_round(ctx, 0)
+        verdict = run_round(ctx, 0)
         for r in range(1, config.rounds + 1):
+            # a diverged model cannot generate the next round's data: the run ends, whatever end_run_on_alarm
+            if r == 1 and verdict.diverged:  # the starting model itself
+                state.stopped = {"round": 0, "reason": "; ".join(verdict.reasons)}
+                ctx.progress.phase(0, "ending the run (the starting model diverged): "
+                                      f"{state.stopped['reason']}")
+                break
             verdict = run_round(ctx, r)
-            if verdict.is_alarm and config.end_run_on_alarm and r < config.rounds:
+            diverged = verdict.is_alarm and verdict.diverged
+            if verdict.is_alarm and (config.end_run_on_alarm or diverged) and r < config.rounds:
                 state.stopped = {"round": r, "reason": "; ".join(verdict.reasons)}
-                ctx.progress.phase(r, f"ending the run (end_run_on_alarm): {state.stopped['reason']}")
+                why = "end_run_on_alarm" if config.end_run_on_alarm else "the model diverged"
+                ctx.progress.phase(r, f"ending the run ({why}): {state.stopped['reason']}")
                 break
         state.finished = True
         if is_main():
@@ -778,7 +811,11 @@ def run_recipe(config: LoopConfig, restart: bool = False) -> dict[str, Any]:
         arms: dict[str, list[str]] = {}
         for name, result in results.items():
             arms.setdefault(name.split("/")[0], []).append(result["run_dir"])
-        atomic_write_json(Path(config.output_dir) / "variants.json", {"arms": arms, "seeds": config.seeds})
-        write_comparison(config.output_dir, [r["run_dir"] for r in results.values()], title=config.name)
+        compared = [r["run_dir"] for r in results.values()]
+        # the title and the runs' order (JSON keys are written sorted) let `collapse-guard report` write
+        # this comparison again as it is now
+        atomic_write_json(Path(config.output_dir) / "variants.json",
+                          {"title": config.name, "arms": arms, "runs": compared, "seeds": config.seeds})
+        write_comparison(config.output_dir, compared, title=config.name)
     barrier()
     return results

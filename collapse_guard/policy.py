@@ -32,7 +32,8 @@ POLICY_RULES = DetectorConfig(
     self_bleu_ratio_warn=1.5,
     self_bleu_ratio_alarm=2.0,
     self_bleu_min_rise=0.1,
-    nonfinite_alarm_signals=("token_entropy",),
+    # a NaN/inf token entropy or reward: the policy (or its reward) diverged, whatever the completions say
+    nonfinite_alarm_signals=("token_entropy", "reward"),
 )
 
 

@@ -154,7 +154,10 @@ class Probe:
         return self._prompt_ids
 
     def generate(self, model) -> list[str]:
-        """The fixed prompts' continuations (seeded; chat-template role tokens suppressed)."""
+        """The fixed prompts' continuations (seeded; chat-template role tokens suppressed).
+
+        Raises `ModelDivergedError` (on every rank alike) when the model's logits are NaN/inf.
+        """
         from collapse_guard.generation.backends import Decoding, TransformersBackend, generate_texts
 
         c, tok = self.config, self.tokenizer
@@ -191,6 +194,7 @@ class Probe:
     # ----- the measurement --------------------------------------------------------------------------------
     def measure(self, model, generations: bool = True) -> dict[str, Any]:
         """Signals of `model` (collective: call on every rank). `generations=False` skips the prompt set."""
+        from collapse_guard.generation.backends import ModelDivergedError
         from collapse_guard.metrics.diversity import diversity_metrics
 
         start = time.perf_counter()
@@ -207,10 +211,20 @@ class Probe:
                 signals["heldout_doc_tokens"] = [int(x) for x in result.document_tokens]
             forward_tokens = result.n_tokens
             split = {"perplexity_seconds": time.perf_counter() - start}
-            # a diverged model cannot generate meaningfully (sampling NaN probabilities would even crash)
-            if generations and self.prompts is not None and math.isfinite(result.perplexity):
-                texts = self.generate(model)
+            diverged = getattr(result, "diverged", None)
+            if diverged is None and not math.isfinite(result.perplexity):  # an evaluator without the reason
+                diverged = f"model diverged: held-out perplexity is {result.perplexity}"
+            texts = None
+            # a diverged model cannot generate meaningfully: its divergence is the signal, not its text
+            if generations and self.prompts is not None and diverged is None:
+                try:
+                    texts = self.generate(model)
+                except ModelDivergedError as error:  # finite perplexity, non-finite logits while sampling
+                    diverged = str(error)
                 split["generation_seconds"] = time.perf_counter() - start - split["perplexity_seconds"]
+            if diverged is not None:
+                signals["diverged"] = diverged
+            if texts is not None:
                 signals["generations"] = texts
                 signals.update(diversity_metrics(texts, human_texts=self.heldout_texts,
                                                  embedding_model=self.config.embedding_model))

@@ -21,7 +21,9 @@ Example (the search logic on a known response: held-out ppl ratio 1 + 0.3 (0.4 -
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,22 +31,44 @@ from typing import Any
 from collapse_guard.io import atomic_write_json, atomic_write_text
 
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 0.75)
+logger = logging.getLogger("collapse_guard.ratio_search")
 
 
 def search(evaluate: Callable[[float, int], Sequence[float]], fractions: Sequence[float],
-           tolerance: float = 1.05, seeds: Sequence[int] = (0,), refine: int = 2) -> dict[str, Any]:
-    """Grid, then `refine` bisection steps. `evaluate(fraction, seed)` -> held-out ppl ratio per round."""
+           tolerance: float = 1.05, seeds: Sequence[int] = (0,), refine: int = 2,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Grid, then `refine` bisection steps. `evaluate(fraction, seed)` -> held-out ppl ratio per round.
+
+    `progress` (default: the `collapse_guard.ratio_search` logger) gets one line before every trial: trial k
+    of (at most) n, the share, the seed, the time left at the mean trial time so far, and the bracket.
+    """
     if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions):
         raise ValueError(f"fractions must be shares in [0, 1], got {list(fractions)}.")
     if not tolerance >= 1.0:
         raise ValueError(f"tolerance is the largest held-out ppl ratio that passes (>= 1), got {tolerance}.")
     trials: dict[float, dict[int, list[float]]] = {}
+    grid = sorted(set(round(x, 4) for x in fractions))
+    say = progress or logger.info
+    done: list[float] = []  # seconds per finished trial
+    refine_left = refine
 
-    def run(f: float) -> None:
-        trials[f] = {s: [float(x) for x in evaluate(f, s)] for s in seeds}
+    def run(f: float, phase: str) -> None:
+        trials[f] = {}
+        for s in seeds:
+            k = len(done) + 1
+            # every grid share, the bisections run so far and those still possible, each once per seed
+            shares = len(trials) + (len(grid) - len(trials) if phase == "grid" else 0) + refine_left
+            total = shares * len(seeds)
+            left = (f"~{_duration(sum(done) / len(done) * (total - k + 1))} left" if done
+                    else "time left known after the first trial")
+            say(f"ratio-search: trial {k} of {'up to ' if refine_left else ''}{total} ({phase}): real share "
+                f"{f:g}, seed {s}; {_bracket(trials, tolerance, len(seeds))}; {left}")
+            start = time.perf_counter()
+            trials[f][s] = [float(x) for x in evaluate(f, s)]
+            done.append(time.perf_counter() - start)
 
-    for f in sorted(set(round(x, 4) for x in fractions)):
-        run(f)
+    for f in grid:
+        run(f, "grid")
     for _ in range(refine):
         fail = [f for f in trials if not _passes_all(trials[f], tolerance)]
         ok = [f for f in trials if _passes_all(trials[f], tolerance)]
@@ -52,7 +76,8 @@ def search(evaluate: Callable[[float, int], Sequence[float]], fractions: Sequenc
         high = min(ok, default=None)
         if low is None or high is None or high - low < 0.02:
             break
-        run(round((low + high) / 2, 4))
+        refine_left -= 1
+        run(round((low + high) / 2, 4), "bisection")
     rows = []
     for f in sorted(trials):
         worst = [max(r) for r in trials[f].values()]
@@ -64,6 +89,26 @@ def search(evaluate: Callable[[float, int], Sequence[float]], fractions: Sequenc
     mean_answer = next((r["fraction"] for r in rows if r["mean_worst"] <= tolerance), None)
     return {"tolerance": tolerance, "seeds": list(seeds), "rows": rows, "answer": answer,
             "mean_answer": mean_answer, "trials": {str(f): v for f, v in trials.items()}}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _bracket(trials: dict[float, dict[int, list[float]]], tolerance: float, n_seeds: int) -> str:
+    """Where the answer lies so far, from the shares whose every seed has finished."""
+    finished = {f: v for f, v in trials.items() if len(v) == n_seeds}
+    ok = [f for f, v in finished.items() if _passes_all(v, tolerance)]
+    fail = [f for f, v in finished.items() if not _passes_all(v, tolerance)]
+    high = min(ok, default=None)
+    low = max((f for f in fail if high is None or f < high), default=None)
+    if low is None and high is None:
+        return "bracket: none yet"
+    if high is None:
+        return f"bracket: above {low:g} (every share so far fails)"
+    if low is None:
+        return f"bracket: at most {high:g} (every share so far passes)"
+    return f"bracket: ({low:g}, {high:g}]"
 
 
 def _passes_all(per_seed: dict[int, list[float]], tolerance: float) -> bool:

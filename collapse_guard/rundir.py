@@ -6,6 +6,10 @@
 - `RunState` (`run_state.json`): the recipe the folder belongs to and the finished steps of each round.
   A re-run with the same recipe continues; a different recipe is refused once any round step has
   finished (`--restart` starts over), and silently replaces a run that never got that far.
+- Leftovers of a killed run: a folder that holds only our lock and a half-written `run_state.json`
+  (a kill between taking the lock and the first rename) is a run that never started and is taken; temp
+  files of killed writers anywhere in a run folder (`round_1/eval.json.tmp<pid>`, ...) are removed when
+  the next run claims it. Nothing else is ever removed from a folder that is not a run folder.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import datetime
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
@@ -22,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collapse_guard.io import atomic_write_json, read_json
+from collapse_guard.io import atomic_write_json, read_json, remove_stale_temp_files, strict_json, temp_pid
+
+logger = logging.getLogger("collapse_guard.rundir")
 
 LOCK_NAME = ".lock"
+STATE_NAME = "run_state.json"
 
 
 class RunFolderError(RuntimeError):
@@ -90,8 +98,8 @@ class RunState:
 
     @classmethod
     def load(cls, folder: Path) -> RunState:
-        data = read_json(folder / "run_state.json", default={}) or {}
-        return cls(folder / "run_state.json", data.get("config"), data.get("done", {}), data.get("stopped"),
+        data = read_json(folder / STATE_NAME, default={}) or {}
+        return cls(folder / STATE_NAME, data.get("config"), data.get("done", {}), data.get("stopped"),
                    data.get("finished", False), data.get("timings", {}))
 
     @property
@@ -110,9 +118,10 @@ class RunState:
     def save(self) -> None:
         from collapse_guard import __version__
 
+        # a recipe is settings, not measurements: a non-finite value in it is refused, never nulled
         atomic_write_json(self.path, {"config": self.config, "done": self.done, "stopped": self.stopped,
                                       "finished": self.finished, "timings": self.timings,
-                                      "version": __version__})
+                                      "version": __version__}, non_finite="refuse")
 
 
 def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -128,14 +137,37 @@ def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = 
 
 
 def claim(folder: Path, config: dict[str, Any], restart: bool = False) -> RunState:
-    """The folder's run state for `config` (rank 0, under the lock): continue, start, or refuse."""
+    """The folder's run state for `config` (rank 0, under the lock): continue, start, or refuse.
+
+    Before anything is written: a recipe with a non-finite number is refused (`ConfigError`); leftovers of a
+    killed run are removed (see the module docstring).
+    """
+    from collapse_guard.config import ConfigError
+
+    try:
+        strict_json(config, "refuse", what="the recipe")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     state = RunState.load(folder)
     ours = state.path.exists()
+    if not ours:
+        # A kill between taking the lock and the first rename of run_state.json leaves exactly these.
+        half_written = [c for c in folder.iterdir() if c.is_file() and c.name.startswith(f"{STATE_NAME}.tmp")
+                        and temp_pid(c.name) not in (None, os.getpid())]
+        strangers = [c for c in folder.iterdir() if c.name != LOCK_NAME and c not in half_written]
+        if strangers:
+            raise RunFolderError(f"output_dir {str(folder)!r} holds files but no run_state.json: it is not a "
+                                 "collapse_guard run folder, and nothing in it is overwritten. Give an empty "
+                                 "or a new folder.")
+        for leftover in half_written:
+            leftover.unlink(missing_ok=True)
+    else:
+        removed = remove_stale_temp_files(folder, locked=True)  # we hold the lock: no one else writes here
+        if removed:
+            logger.info("%s: removed %d temp file(s) a killed run left (%s).", folder, len(removed),
+                        ", ".join(str(p.relative_to(folder)) for p in removed[:3])
+                        + (", ..." if len(removed) > 3 else ""))
     others = [c for c in folder.iterdir() if c.name != LOCK_NAME]
-    if not ours and others:
-        raise RunFolderError(f"output_dir {str(folder)!r} holds files but no run_state.json: it is not a "
-                             "collapse_guard run folder, and nothing in it is overwritten. Give an empty or "
-                             "a new folder.")
     changed = ours and state.config != config
     if ours and changed and state.started and not restart:
         changes = _differences(state.config or {}, config)
@@ -147,7 +179,7 @@ def claim(folder: Path, config: dict[str, Any], restart: bool = False) -> RunSta
     if ours and (restart or changed):
         for child in others:
             shutil.rmtree(child) if child.is_dir() else child.unlink()
-        state = RunState(folder / "run_state.json")
+        state = RunState(folder / STATE_NAME)
     state.config = config
     state.save()
     return state

@@ -9,7 +9,8 @@ attach the guard: at every logging step it reads the completions the trainer alr
 (no extra generation), measures their distinct-n, unigram entropy and self-BLEU and TRL's token
 entropy against the first step, and stops training on an alarm (collapse_guard/policy.py). The
 default reward here is easy to hack (it pays for one letter), so the policy collapses onto a few
-tokens within ~20 steps and the guard stops it; `--reward noise` has no shortcut to exploit.
+tokens within ~20 steps and the guard stops it; `--reward noise` has no shortcut to exploit. Both
+verdicts are printed: the policy's, and the held-out guard's (human-text perplexity before and after).
 """
 
 import argparse
@@ -51,8 +52,9 @@ def main(argv=None):
                           train_dataset=prompts, processing_class=tokenizer)
     guard = CollapseGuardCallback(human_like_sentences(16, seed=99)).attach(trainer)
     trainer.train()
-    print(f"trained {trainer.state.global_step} of {args.max_steps} steps; "
-          f"policy verdict: {guard.policy_verdict}")
+    print(f"trained {trainer.state.global_step} of {args.max_steps} steps")
+    print(f"policy verdict (the policy's own completions): {guard.policy_verdict}")
+    print(f"held-out verdict (human-text perplexity): {guard.last_verdict}")
     return trainer, guard
 
 

@@ -136,7 +136,7 @@ def test_cost_budget_keeps_the_guard_under_its_share_in_forward_tokens(model, to
     steps = [e["step"] for e in guard.history.entries]
     assert 2 < len(steps) < 31  # it measured, but far less often than every step
     assert steps[0] == 0 and steps[-1] == 30  # the baseline and the final verdict are always taken
-    training = 3 * guard._train["tokens"]
+    training = 3 * guard.budget.trained_tokens
     # the whole guard, baseline and final measurement included, stays within its share of the job
     assert guard.spent["tokens"] <= 0.25 * (training + guard.spent["tokens"])
     assert guard.cost_share() <= 0.25
@@ -169,8 +169,10 @@ def test_early_stopping_on_heldout_ppl(model, tokenizer, tmp_path):
     )
     guard.attach(trainer)
     trainer.train()
-    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
-    assert evals and all("eval_heldout_ppl" in e and "eval_heldout_ppl_ratio" in e for e in evals)
+    # the guard's evaluation metrics: their own log row at every evaluation step
+    evals = [e for e in trainer.state.log_history if "eval_heldout_ppl" in e]
+    assert [e["step"] for e in evals] == [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert all("eval_heldout_ppl_ratio" in e for e in evals)
     assert not any(k in e for e in evals for k in ("eval_eval_loss", "eval_train_loss"))
     assert trainer.state.global_step < 40  # EarlyStoppingCallback stopped it, not the guard
     assert guard.stopped_at is None

@@ -63,9 +63,17 @@ def test_loop_example(tmp_path):
     assert (tmp_path / "loop" / "report.md").exists()
 
 
-def test_adaptive_floor_example_is_a_few_lines_on_the_guard_example(tmp_path, capsys):
-    trainer, _ = _load("sft_adaptive_floor").main(["--output-dir", str(tmp_path), "--max-steps", "4"])
-    assert trainer.state.global_step == 4 and "floor decisions:" in capsys.readouterr().out
+def test_adaptive_floor_example_moves_the_floor_up_and_back_down(tmp_path, capsys):
+    trainer, _ = _load("sft_adaptive_floor").main(["--output-dir", str(tmp_path), "--max-steps", "6"])
+    assert trainer.state.global_step == 6 and "floor decisions:" in capsys.readouterr().out
+    from collapse_guard import CollapseGuardCallback
+
+    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, CollapseGuardCallback))
+    floors = [e["floor"] for e in guard.history.entries]
+    assert floors[0] == 0.1 and max(floors) == 0.9  # raised to the maximum on the alarm
+    assert 0.1 < floors[-1] < 0.9  # and lowered after healthy measurements
+    # the collator the trainer feeds from holds the guard's last floor
+    assert trainer.data_collator.min_real_fraction == floors[-1]
 
 
 def test_grpo_example_stops_on_the_hacked_reward_and_not_on_noise(tmp_path):

@@ -584,3 +584,46 @@ def test_cli_magpie_steering_flags(chat_model_dir, tmp_path):
     meta = json.loads(load_from_disk(str(out))[0]["provenance"]["meta"])
     assert meta["task"] == "code" and meta["system_prompt"] in ("You write Python.", "You write SQL.")
     assert meta["instruction_decoding"]["temperature"] == 0.7
+
+
+# ----- the inverse-CDF sampler (issue 24: one uniform per row instead of torch.multinomial) ----------------
+def _chi_square(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+def test_inverse_cdf_sampler_matches_multinomial_and_is_seeded():
+    from collapse_guard.generation.backends import inverse_cdf_sample
+
+    # 7 tokens with mass, 6 degrees of freedom: chi-square past 22.46 has probability 0.001 under the null
+    critical = 22.46
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02, 0.0], dtype=torch.float64)
+    rows = (probs.repeat(20000, 1) * 3.0).float()  # unnormalised rows, as softmax rounding leaves them
+    drawn = inverse_cdf_sample(rows, torch.Generator().manual_seed(1))[:, 0]
+    counts = torch.bincount(drawn, minlength=8).double()
+    assert counts[-1] == 0  # a zero-probability token is never drawn
+    assert _chi_square(counts[:-1], probs[:-1] * len(drawn)) < critical
+    reference = torch.bincount(torch.multinomial(rows, 1, generator=torch.Generator().manual_seed(2))[:, 0],
+                               minlength=8).double()
+    # two samples of the same size: the pooled frequencies are the expected counts of both
+    pooled = (counts + reference)[:-1] / 2
+    assert _chi_square(counts[:-1], pooled) + _chi_square(reference[:-1], pooled) < critical
+    # and the check has power: a sampler off by one token (every draw shifted) fails it
+    shifted = torch.bincount((drawn + 1).clamp(max=7), minlength=8).double()
+    assert _chi_square(shifted[:-1], probs[:-1] * len(drawn)) > critical
+    again = inverse_cdf_sample(rows, torch.Generator().manual_seed(1))[:, 0]
+    assert torch.equal(drawn, again)
+
+
+def test_inverse_cdf_sampler_in_the_backend_is_opt_in_and_seeded(tokenizer, tiny_model):
+    prompts = ["The river", "A farmer", "The council"]
+    decoding = Decoding(max_new_tokens=6, temperature=0.8, top_p=0.9)
+
+    def run(**kw):
+        return [c.token_ids for c in generate_texts(TransformersBackend(tiny_model, tokenizer, **kw), prompts,
+                                                    decoding, seed=0)]
+
+    assert TransformersBackend(tiny_model, tokenizer).sampler == "multinomial"  # default: numbers unchanged
+    fast = run(sampler="inverse_cdf")
+    assert fast == run(sampler="inverse_cdf") and all(len(ids) == 6 for ids in fast)
+    with pytest.raises(ValueError, match="sampler='gumbel' is unknown"):
+        TransformersBackend(tiny_model, tokenizer, sampler="gumbel")

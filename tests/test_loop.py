@@ -161,7 +161,8 @@ def test_concurrent_runs_into_one_folder(tmp_path, tiny_run):
         (["run", "BAD_YAML"], "is not valid YAML"),
         (["run", str(RECIPE), "selectors=[{class: collapse_guard.selection.DedupSelector, treshold: 1}]"],
          "selectors[0].treshold=1: collapse_guard.selection.DedupSelector takes no such argument"),
-        (["run", str(RECIPE), "selectors=[{class: collections.Counter}]"], "is not a Selector subclass"),
+        (["run", str(RECIPE), "selectors=[{class: collections.Counter}]", "trust_recipe_code=true"],
+         "is not a Selector subclass"),
         (["run", str(RECIPE), "generation.num_beam=3"], "unknown key 'generation.num_beam'"),
         (["run", str(RECIPE), "evaluation.context_length=1"], "evaluation: ProbeConfig.context_length"),
         (["report", "MISSING"], "is not a folder"),
@@ -252,16 +253,20 @@ def _final_artifacts(out: Path) -> dict:
 def test_killed_mid_round_resumes_to_the_same_artifacts(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     slow = "callbacks=[{class: loop_hooks.SlowSteps, seconds: 0.3}]"
-    # kill 1: during round 1's training, right after its first checkpoint
-    _run_until(_cli(killed, slow),
-               lambda: any((killed / "round_1" / "trainer").glob("checkpoint-*/trainer_state.json")))
+    # a test hook outside collapse_guard: the recipe must say it trusts that code
+    slow = [slow, "trust_recipe_code=true"]
+    # kill 1: during round 1's training, right after its first complete checkpoint (the collator's state
+    # is written last)
+    _run_until(_cli(killed, *slow), lambda: any((killed / "round_1" / "trainer").glob(
+        "checkpoint-*/collapse_guard/mixing_collator_rank0.json")))
     state = read_json(killed / "run_state.json")
     assert "mix" in state["done"]["1"] and "train" not in state["done"]["1"]
     # kill 2: in round 2, as soon as its generated samples are saved
-    _run_until(_cli(killed, slow), lambda: (killed / "round_2" / "generated" / "dataset_info.json").exists())
+    _run_until(_cli(killed, *slow),
+               lambda: (killed / "round_2" / "generated" / "dataset_info.json").exists())
     assert not read_json(killed / "run_state.json")["finished"]
-    subprocess.run(_cli(killed, slow), env=_env(), check=True, capture_output=True)
-    subprocess.run(_cli(clean, slow), env=_env(), check=True, capture_output=True)
+    subprocess.run(_cli(killed, *slow), env=_env(), check=True, capture_output=True)
+    subprocess.run(_cli(clean, *slow), env=_env(), check=True, capture_output=True)
     assert read_json(killed / "round_1" / "train.json")["resumed_from"].startswith("checkpoint-")
     assert _final_artifacts(killed) == _final_artifacts(clean)
     a = [e for e in read_json(killed / HISTORY)["entries"] if e["final"]]

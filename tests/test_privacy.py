@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -152,3 +153,39 @@ def test_long_adversarial_inputs_stay_fast():
     for text in ["1 " * 10_000, "at dot " * 3_000, "x [at] y " * 2_000, "Aa1" * 7_000, "0" * 20_000]:
         assert find_pii(text) is None
     assert time.perf_counter() - start < 20  # ~1 s here; a backtracking regex took minutes on these
+
+
+# Issue 23 §6: the reserved 555 area code was a phone in one layout and not in the others.
+RESERVED_555_LAYOUTS = ["(555) 123-4567", "555-123-4567", "555.123.4567", "555 123 4567", "1-555-123-4567",
+                        "+1 555 123 4567", "+1 (555) 123-4567", "+15551234567", "call 5551234567"]
+
+
+@pytest.mark.parametrize("with_libs", [True, False])
+def test_reserved_555_numbers_follow_one_rule_in_every_layout(with_libs):
+    texts = [f"Reach the desk at {n}." for n in RESERVED_555_LAYOUTS]
+    # the same rule as for any North-American number: bare digits are an id unless a word says phone
+    keep = ["Ticket 5551234567 closed.", "Ticket 2015550123 closed.", "I paid 5555-5555-5555-4444."]
+    real = importlib.util.find_spec
+
+    def missing(name, *args, **kwargs):
+        return None if name == "phonenumbers" else real(name, *args, **kwargs)
+
+    flt = PrivacyFilter(kinds=["pii:phone"])
+    privacy._warn_once.cache_clear()
+    with mock.patch.object(privacy.importlib.util, "find_spec", real if with_libs else missing), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = flt(texts + keep)["text"][:]
+    privacy._warn_once.cache_clear()
+    assert kept == keep
+    assert flt.report["reasons"] == {"pii:phone": len(texts)}
+
+
+def test_plain_word_passwords_in_a_field_are_dropped_prose_is_kept():
+    leaks = ["password: sunshine", "passwd: dragon", "Password: letmein\nUser: bob", "passwd=monkey",
+             "user: bob, passwd: dragon, host: db1", "my password: sunshine."]
+    prose = ["Forgot your password: click here", "Password: must be 8 characters.", "password: required",
+             "the password is correct", "password: ********", "Enter password: below", "PASSWORD: Optional"]
+    flt = PrivacyFilter(kinds=["pii:password"])
+    assert flt(leaks + prose)["text"][:] == prose
+    assert flt.report["reasons"] == {"pii:password": len(leaks)}

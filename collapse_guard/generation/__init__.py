@@ -3,6 +3,7 @@
 from collapse_guard.generation.backends import (
     Completion,
     Decoding,
+    ModelDivergedError,
     TransformersBackend,
     VLLMBackend,
     resolve_backend,
@@ -29,6 +30,7 @@ __all__ = [
     "MagpieConfig",
     "MagpieGenerator",
     "MagpieTask",
+    "ModelDivergedError",
     "TemplatePreset",
     "TransformersBackend",
     "VLLMBackend",

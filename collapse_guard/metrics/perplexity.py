@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from collapse_guard.distributed import all_reduce_sum, rank_world
+from collapse_guard.data import check_tokenizer_fits, require_tokenizer, tokenizer_facts
+from collapse_guard.distributed import all_reduce_max, all_reduce_sum, rank_world
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,16 @@ class PerplexityResult:
     document_tokens: list[int] = field(
         default_factory=list, metadata={"help": "Scored tokens of each document in input order, all-reduced."}
     )
+    diverged: str | None = field(
+        default=None,
+        metadata={"help": "Why the perplexity is not finite, in words starting 'model diverged: ' (NaN/inf "
+                          "logits, or a mean NLL too large to exponentiate); None when it is finite."},
+    )
+
+    @property
+    def finite(self) -> bool:
+        """Whether the corpus perplexity is a finite number (False: the model diverged, see `diverged`)."""
+        return math.isfinite(self.perplexity)
 
 
 @dataclass(frozen=True)
@@ -145,12 +156,17 @@ class HeldoutPerplexity:
                 f"max_batch_tokens={max_batch_tokens} is smaller than context_length={context_length}; "
                 "raise max_batch_tokens to at least one window."
             )
+        require_tokenizer(tokenizer, "HeldoutPerplexity")
         self.context_length = context_length
         self.stride = stride
         self.max_batch_tokens = max_batch_tokens
         self.pad_token_id = _pad_id(tokenizer)
         encoded = tokenizer(list(texts), verbose=False)["input_ids"] if texts else []
         self.token_ids: list[list[int]] = [list(ids) for ids in encoded]
+        # compared with each model once (`compute`): another model's tokenizer scores nonsense, silently
+        self._tokenizer_facts = tokenizer_facts(tokenizer, max((max(ids) for ids in self.token_ids if ids),
+                                                               default=None))
+        self._fits_checked: set[int] = set()
         self.windows = [w for doc, ids in enumerate(self.token_ids) for w in self._windows(doc, len(ids))]
         # Longest first: batches hold windows of similar length, so padding stays small.
         self.windows.sort(key=lambda w: (-(w.end - w.start), w.doc, w.start))
@@ -183,6 +199,9 @@ class HeldoutPerplexity:
 
     def compute(self, model) -> PerplexityResult:
         """Scores the held-out set with `model` (plain, PEFT, DDP/FSDP/DeepSpeed); keeps its train mode."""
+        if id(model) not in self._fits_checked:
+            check_tokenizer_fits(self._tokenizer_facts, model, "HeldoutPerplexity")
+            self._fits_checked.add(id(model))
         rank, world = rank_world()
         if world > 1:
             _check_same_documents(self.n_documents, _comm_device(model))
@@ -190,7 +209,11 @@ class HeldoutPerplexity:
         if world > 1:
             sums = all_reduce_sum(torch.cat([nll, count]).to(_comm_device(model))).cpu()
             nll, count = sums[: self.n_documents], sums[self.n_documents :]
-        return _result(nll, count, self.n_skipped)
+        result = _result(nll, count, self.n_skipped)
+        if not result.finite and result.n_tokens:
+            # Every rank holds the same all-reduced sums, so all take this branch (a collective is safe).
+            result.diverged = _divergence_reason(model, result, world)
+        return result
 
     def _local_sums(self, model, world: int, rank: int, sync_steps: bool) -> tuple[torch.Tensor, ...]:
         """Per-document (nll, scored tokens) for this rank's shard, float64 on CPU."""
@@ -276,8 +299,15 @@ class HeldoutPerplexity:
                     logits = model(input_ids=ids, use_cache=False).logits[:, :5].float()
             finally:
                 model.train(was_training)
-            scale = float(logits.abs().max())
-            needs = not torch.allclose(logits[0], logits[1], rtol=0.0, atol=1e-4 * max(scale, 1e-6))
+            finite = torch.isfinite(logits)
+            if torch.isnan(logits).any() or torch.isposinf(logits).any():
+                # A diverged model (NaN weights, overflowed activations): nothing to compare, and its
+                # perplexity is not finite with or without a mask. Not cached: ask again when it is healthy.
+                return False
+            # -inf logits (tokens a model rules out) are fine where both rows rule out the same tokens
+            scale = float(logits[finite].abs().max()) if finite.any() else 0.0
+            needs = not (torch.equal(finite[0], finite[1]) and torch.allclose(
+                logits[0][finite[0]], logits[1][finite[1]], rtol=0.0, atol=1e-4 * max(scale, 1e-6)))
             if needs:
                 logger.info("HeldoutPerplexity: padding changes this model's logits (it attends forward); "
                             "batches carry a padding mask.")
@@ -299,6 +329,9 @@ class HeldoutPerplexity:
                         hidden = parts[0](input_ids=ids, use_cache=False)[0]
                         split = parts[1](hidden).float()
                     ok = full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)
+                    if not ok and full.shape == split.shape and not torch.isfinite(full).all():
+                        # a diverged model: undecidable, so score it with the model's own forward this once
+                        return False
                 except (TypeError, AttributeError, RuntimeError, ValueError):
                     ok = False
                 finally:
@@ -471,11 +504,62 @@ def _result(nll: torch.Tensor, count: torch.Tensor, n_skipped: int) -> Perplexit
     document_nll, document_tokens = nll.tolist(), [int(c) for c in count.tolist()]
     nll_sum, n_tokens = float(nll.sum()), sum(document_tokens)
     pairs = zip(document_nll, document_tokens, strict=True)
-    per_document = [math.exp(n / c) if c else math.nan for n, c in pairs]
-    perplexity = math.exp(nll_sum / n_tokens) if n_tokens else math.nan
+    per_document = [_exp(n / c) if c else math.nan for n, c in pairs]
+    perplexity = _exp(nll_sum / n_tokens) if n_tokens else math.nan
     return PerplexityResult(
         perplexity, nll_sum, n_tokens, per_document, n_skipped, document_nll, document_tokens
     )
+
+
+def _exp(mean_nll: float) -> float:
+    """exp, but inf past float range: a diverged model's mean NLL of 1e20 nats is a perplexity, no error."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
+def nonfinite_parameters(model) -> tuple[int, int]:
+    """(parameter tensors holding a NaN or inf, all parameter tensors) of `model`, on this process.
+
+    Sharded models (FSDP, ZeRO-3) are counted over this rank's shards.
+
+    Example:
+
+    ```python
+    >>> from collapse_guard.testing import tiny_tokenizer, tiny_causal_lm
+    >>> model = tiny_causal_lm(tiny_tokenizer())
+    >>> nonfinite_parameters(model)[0]
+    0
+
+    ```
+    """
+    bad = total = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            total += 1
+            bad += int(p.numel() > 0 and not bool(torch.isfinite(p).all()))
+    return bad, total
+
+
+def _divergence_reason(model, result: PerplexityResult, world: int) -> str:
+    """Why `result` is not finite, the same words on every rank: the held-out perplexity and where the
+    non-finite numbers come from (weights, or activations that overflowed from finite weights)."""
+    bad, total = nonfinite_parameters(model)
+    if world > 1:  # DDP ranks hold the same weights and FSDP ones their shards: the worst rank speaks for all
+        bad, total = int(all_reduce_max(float(bad))), int(all_reduce_max(float(total)))
+    docs = sum(1 for n, c in zip(result.document_nll, result.document_tokens, strict=True)
+               if c and not math.isfinite(n))
+    if bad:
+        source = f"non-finite weights in {bad} of {total} parameter tensors"
+    elif docs:
+        source = "non-finite logits from finite weights: activations overflowed"
+    else:
+        mean = result.nll_sum / result.n_tokens
+        source = f"mean NLL {mean:.3g} nats per token, past float range"
+    scored = sum(1 for c in result.document_tokens if c)
+    where = f"; {docs} of {scored} documents non-finite" if docs else ""
+    return f"model diverged: held-out perplexity is {result.perplexity} ({source}{where})"
 
 
 def _pad_id(tokenizer) -> int:

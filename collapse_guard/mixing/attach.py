@@ -7,16 +7,20 @@ import logging
 import math
 import os
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from transformers import TrainerCallback
 
-from collapse_guard.data import column_names
+from collapse_guard.data import check_tokenizer_fits, column_names, require_chat_template, require_tokenizer
 from collapse_guard.distributed import is_main
-from collapse_guard.mixing.collator import MixingCollator
-from collapse_guard.mixing.rows import RowFormat
+from collapse_guard.mixing.policy import FloorPlan, decide_examples, expected_share
+from collapse_guard.mixing.rows import RowFormat, real_pool_index
+from collapse_guard.mixing.setup import TrainerSetup
 from collapse_guard.provenance import PROVENANCE_COLUMN, REAL, SYNTHETIC, arrow_fingerprints
+
+if TYPE_CHECKING:  # the collator imports this module (attach), not the other way round
+    from collapse_guard.mixing.collator import MixingCollator
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +63,22 @@ def attach_collator(collator: MixingCollator, trainer) -> None:
             "(each with its own copy: examples lost or repeated, state not checkpointed). Set "
             "dataloader_num_workers=0; the collator costs a fraction of a millisecond per batch."
         )
-    if collator.tokenizer is None:
+    sft = _is_sft(trainer)
+    if sft:
+        check_trainer_max_length(getattr(args, "max_length", None))
+    tokenizer = collator.tokenizer
+    if tokenizer is None:
         processing = (getattr(trainer, "processing_class", None)
                       or getattr(trainer.data_collator, "tokenizer", None))
-        collator.tokenizer = getattr(processing, "tokenizer", processing)
-    if collator.tokenizer is None and collator.real_format != "tokens":
+        tokenizer = getattr(processing, "tokenizer", processing)
+    if tokenizer is None and collator.real_format != "tokens":
         raise ValueError("MixingCollator.attach: the trainer has no processing_class and its data collator "
                          "no tokenizer; pass MixingCollator(tokenizer=...) to tokenize real top-ups.")
-    if trainer.data_collator is not collator:
-        if collator.base_collator is None:
-            collator.base_collator = trainer.data_collator
-        trainer.data_collator = collator
-    sft = _is_sft(trainer)
+    if tokenizer is not None:  # before training: top-ups in another model's ids train silently
+        require_tokenizer(tokenizer, "MixingCollator")
+        check_tokenizer_fits(tokenizer, trainer.model, "MixingCollator")
+        require_chat_template(collator.real_format, tokenizer, "MixingCollator's real_dataset",
+                              "the trainer's model")
     packing = bool(sft and getattr(args, "packing", False))
     if packing and collator.unit != "tokens":
         raise ValueError("SFTConfig(packing=True) packs several examples per row: the floor must count "
@@ -78,29 +86,49 @@ def attach_collator(collator: MixingCollator, trainer) -> None:
     train = trainer.train_dataset
     if train is None:
         raise ValueError("MixingCollator.attach: the trainer has no train_dataset.")
-    collator.row_format = _row_format(collator, trainer, sft, train)
-    columns = column_names(train)
-    if PROVENANCE_COLUMN in columns and not packing:
+    # every check has passed: learn the setup, bind it in one call, then wire the collator in
+    row_format = _row_format(collator, tokenizer, trainer, sft, train)
+    base = collator.base_collator if trainer.data_collator is collator or collator.base_collator is not None \
+        else trainer.data_collator
+    if PROVENANCE_COLUMN in column_names(train) and not packing:
         _keep_provenance_column(trainer)
-        collator.composition = _composition_from_provenance(train)
-        collator.recognition = "row provenance"
+        composition = _composition_from_provenance(train)
+        setup = TrainerSetup(tokenizer, base, row_format, "row provenance", composition)
     else:
-        index = collator.source_index()  # built now, before training starts
-        collator.recognition = index.origin
-        collator.composition = _composition_from_fingerprints(train, index, packing)
-        if collator.composition is not None and collator.composition[REAL] == 0:
+        # built now, before training starts
+        index = collator.index if collator.index is not None \
+            else real_pool_index(collator.real_dataset, tokenizer, row_format)
+        composition = _composition_from_fingerprints(train, index, packing)
+        setup = TrainerSetup(tokenizer, base, row_format, index.origin, composition, index)
+        if composition is not None and composition[REAL] == 0:
             warnings.warn(
-                f"MixingCollator: none of the {collator.composition[SYNTHETIC]} training rows matches a "
+                f"MixingCollator: none of the {composition[SYNTHETIC]} training rows matches a "
                 "real-pool example tokenized the way this trainer tokenizes "
-                f"({_describe(collator.row_format)}). If the training set holds real rows, they are "
+                f"({_describe(row_format)}). If the training set holds real rows, they are "
                 "tokenized differently and would be counted as synthetic. Fix: keep the 'provenance' column "
                 "in the training set (mix_datasets adds it), or tokenize real data the same way.",
                 stacklevel=3,
             )
-    collator.attached = True
+    collator.bind(setup)
+    trainer.data_collator = collator
     if not any(isinstance(cb, MixingCollatorCallback) and cb.collator is collator
                for cb in trainer.callback_handler.callbacks):
         trainer.add_callback(MixingCollatorCallback(collator))
+
+
+def check_trainer_max_length(max_length: Any, name: str = "SFTConfig.max_length") -> None:
+    """Refuses a trainer `max_length` under which no row carries loss, before anything is trained: a causal
+    LM learns each token from the ones before it, so a row needs at least 2 tokens, and TRL slices rows with
+    `[:max_length]`, so a negative value silently cuts tokens off the end instead of failing."""
+    if max_length is None:
+        return  # TRL: no truncation
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise ValueError(f"{name} must be an int number of tokens per row (>= 2) or None, got {max_length!r} "
+                         f"({type(max_length).__name__}). Use e.g. max_length=1024 (TRL's default).")
+    if max_length < 2:
+        raise ValueError(f"{name}={max_length}: rows need at least 2 tokens to carry loss (a causal LM "
+                         "predicts each token from the ones before it), so nothing would be trained. Use "
+                         "max_length >= 2 (TRL's default is 1024) or None.")
 
 
 def _describe(fmt: RowFormat) -> str:
@@ -108,14 +136,14 @@ def _describe(fmt: RowFormat) -> str:
             f"truncation {fmt.truncation_mode}")
 
 
-def _row_format(collator: MixingCollator, trainer, sft: bool, train) -> RowFormat:
+def _row_format(collator: MixingCollator, tokenizer, trainer, sft: bool, train) -> RowFormat:
     from dataclasses import replace
 
     if sft:
         fmt = RowFormat.for_sft(trainer.args)
     else:
         sample = _sample_ids(train, 256)
-        fmt = RowFormat.infer(sample, collator.tokenizer, collator.max_length)
+        fmt = RowFormat.infer(sample, tokenizer, collator.max_length)
     return replace(fmt, max_length=collator.max_length) if collator.max_length else fmt
 
 
@@ -196,10 +224,12 @@ def describe_plan(collator: MixingCollator, batch_size: int, accumulation: int) 
     if unit == "examples":
         real_min = math.ceil(f * window - 1e-9)
         room = (window - real_min) / window
-        floor = f"at least {real_min} real of {window} rows in {scope}"
+        floor = (f"at least {real_min} real of {window} rows in {scope}, counting only rows that are trained "
+                 "(a row whose labels are all -100 counts as none)")
     else:
         room = 1.0 - f
-        floor = f"at least {f:.0%} real tokens in {scope}"
+        floor = (f"at least {f:.0%} real tokens in {scope}, counting supervised tokens (labels other than "
+                 "-100)")
     text = (f"MixingCollator: {floor}; recognising real rows by "
             f"{getattr(collator, 'recognition', 'fingerprints')}")
     comp = collator.composition
@@ -246,42 +276,46 @@ def describe_plan(collator: MixingCollator, batch_size: int, accumulation: int) 
         f"{'; or '.join(fixes)}.")
 
 
-class _UnitStream:
-    """A stand-in real stream for dry runs: one-token rows."""
-
-    draws = 0
-
-    def next(self) -> dict[str, list[int]]:
-        return {"input_ids": [1], "labels": [1]}
-
-    def state_dict(self) -> dict[str, int]:
-        return {"draws": 0}
-
-
 def dry_run(collator: MixingCollator, n_real: int, n_synthetic: int, batch_size: int, accumulation: int,
             seed: int = 0, max_rows: int = 100_000) -> dict[str, float]:
-    """Runs the floor's policy (the collator's own code) on one shuffled epoch of one-token rows with the
-    given composition (scaled down to `max_rows`) and reports growth and untrained synthetic rows."""
+    """Runs the floor's policy (`policy.decide_examples`, the collator's own arithmetic) on counts alone over
+    one shuffled epoch of the given composition (scaled down to `max_rows`), with the collator's floor,
+    scope and growth cap, and reports growth and untrained synthetic rows. No rows are built."""
     n = n_real + n_synthetic
     scale = min(1.0, max_rows / max(n, 1))
     n_real_s, n_syn_s = round(n_real * scale), round(n_synthetic * scale)
-    sim = MixingCollator(base_collator=lambda rows: rows, real_dataset=[{"input_ids": [1]}],
-                         min_real_fraction=collator.min_real_fraction, floor_scope=collator.floor_scope,
-                         allow_low_real_fraction=True, max_growth=collator.max_growth)
-    sim._stream = _UnitStream()  # type: ignore[assignment]
     order = np.random.default_rng(seed).permutation(np.array([True] * n_real_s + [False] * n_syn_s, bool))
     per_epoch = math.ceil(len(order) / batch_size)
-    sim.plan(accumulation, per_epoch, per_epoch, batch_size)
-    largest = 0
+    plan = FloorPlan(accumulation, per_epoch, per_epoch, batch_size)
+    f = collator.min_real_fraction
+    credit = {"synthetic": 0.0, "real": 0.0}
+    pending = carried = step_units = step_real = synthetic_seen = intake = typical = 0
+    fed = grown = largest = 0
     for k in range(per_epoch):
         chunk = order[k * batch_size: (k + 1) * batch_size]
-        rows = sim([{"input_ids": [1], "provenance": {"source": REAL if r else SYNTHETIC}} for r in chunk])
-        largest = max(largest, len(rows))
-    fed = sim.counts["units"]
-    return {"grown_share": sim.counts["grown_batches"] / max(per_epoch, 1),
+        b, real_in = len(chunk), int(chunk.sum())
+        synthetic_seen += b - real_in
+        intake += b
+        pending += (b - real_in) if f < 1.0 else 0  # f = 1: synthetic rows are skipped, not queued
+        carried += real_in
+        if collator.floor_scope == "micro_batch" or plan.position_in_step(k) == 0:
+            step_units = step_real = 0
+        nominal = max(b, batch_size, typical)
+        share = expected_share(1.0 - f, synthetic_seen, intake, nominal)  # no composition: prior 1 - f
+        n_syn, n_real_rows = decide_examples(f, b, (step_units, step_real), (pending, carried),
+                                             plan.remaining(k), nominal, collator.max_growth, share, credit)
+        pending -= n_syn
+        carried -= min(n_real_rows, carried)  # the rest are top-ups
+        units = n_syn + n_real_rows
+        step_units, step_real = step_units + units, step_real + n_real_rows
+        fed += units
+        grown += units > b
+        largest = max(largest, units)
+        typical = max(typical, b)
+    return {"grown_share": grown / max(per_epoch, 1),
             "extra_rows_share": (fed - len(order)) / max(len(order), 1),
             "largest": largest,
-            "untrained": round(len(sim.synthetic_buffer) / scale) if scale else 0}
+            "untrained": round(pending / scale) if scale else 0}
 
 
 class MixingCollatorCallback(TrainerCallback):
@@ -296,7 +330,8 @@ class MixingCollatorCallback(TrainerCallback):
     """
 
     def __init__(self, collator: MixingCollator):
-        if not isinstance(collator, MixingCollator):
+        # duck-typed: importing MixingCollator here would close an import cycle (collator -> attach)
+        if not all(callable(getattr(collator, name, None)) for name in ("plan", "save", "load", "state_at")):
             raise TypeError(f"MixingCollatorCallback needs a MixingCollator, got {type(collator).__name__}.")
         self.collator = collator
         self.consumed = 0

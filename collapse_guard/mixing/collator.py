@@ -15,6 +15,13 @@ The contract, per rank (so it holds for the global batch under DDP):
   is fed once. With `f=1` synthetic rows cannot be trained at all; the run says so before it starts.
 - **Rows as the trainer makes them.** Top-ups are tokenized like the trainer's rows (`RowFormat`) and
   cut to its `max_length`; with `unit="tokens"` they are packed into the batch's packed rows.
+- **Only what is trained counts.** The floor counts rows that carry loss (tokens: labels other than
+  -100). A row whose labels are all -100 (a prompt-completion row cut inside its prompt) rides along and
+  counts as nothing; a top-up that would carry none is redrawn, and a pool that cannot give one is said.
+
+How many rows to take is decided by pure functions (`mixing.policy`), counters live in `MixingCounts`,
+and what `attach` learns about the trainer arrives in one `TrainerSetup` (`bind`); the floor has one
+writer, `set_floor`.
 
 Recognising real rows: a row's own `provenance` (kept through the Trainer by `attach`), else an
 index of the real pool tokenized like the trainer (see `collapse_guard.provenance`). Unrecognised
@@ -27,79 +34,53 @@ checkpoints the collator's state and pauses mixing during evaluation.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from collapse_guard.data import as_dataset, require_format
+from collapse_guard.data import as_dataset, require_format, require_tokenizer
 from collapse_guard.distributed import rank_world
-from collapse_guard.io import atomic_write_text
+from collapse_guard.io import atomic_write_json, read_json
+from collapse_guard.mixing.attach import attach_collator
+from collapse_guard.mixing.counts import MixingCounts
+from collapse_guard.mixing.policy import (  # noqa: F401  (re-exported: the public names of old)
+    MIN_SAFE_REAL_FRACTION,
+    FloorPlan,
+    decide_examples,
+    expected_share,
+    must_serve,
+    real_for_synthetic,
+    real_needed,
+    spread,
+    validate_real_fraction,
+)
 from collapse_guard.mixing.rows import RowFormat, real_pool_index, tokenize_row
 from collapse_guard.mixing.segments import (
     ROW_KEYS,
     as_list,
+    carries_loss,
     check_row_keys,
     join_segments,
     pack_first_fit,
     shape_like,
     split_row,
+    supervised_tokens,
     token_keys,
     truncate,
 )
+from collapse_guard.mixing.selfcheck import recognition_problem
+from collapse_guard.mixing.setup import TrainerSetup
 from collapse_guard.mixing.stream import RealStream
 from collapse_guard.provenance import REAL, SYNTHETIC, SourceIndex, source_of_example
 
 logger = logging.getLogger(__name__)
 
-MIN_SAFE_REAL_FRACTION = 0.1
 UNITS = ("examples", "tokens")
 SCOPES = ("step", "micro_batch")
 STATE_DIRNAME = "collapse_guard"
-_EPS = 1e-9
-
-
-def validate_real_fraction(value: Any, allow_low_real_fraction: bool = False,
-                           key: str = "min_real_fraction") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{key} must be a number in [0, 1], got {value!r} ({type(value).__name__}).")
-    if math.isnan(value) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{key} must be in [0, 1], got {value}. Use e.g. 0.5 (the default).")
-    if value < MIN_SAFE_REAL_FRACTION and not allow_low_real_fraction:
-        raise ValueError(
-            f"{key}={value} is below {MIN_SAFE_REAL_FRACTION}: with less than 10% real data, models trained "
-            "on their own output collapse (Shumailov et al. 2024). Raise it, or pass "
-            "allow_low_real_fraction=True if you are studying collapse on purpose."
-        )
-    return float(value)
-
-
-@dataclass
-class FloorPlan:
-    """Where steps and epochs begin and end, in micro-batches of this rank (what `attach` learns)."""
-
-    gradient_accumulation_steps: int = 1
-    micro_batches_per_epoch: int | None = None
-    total_micro_batches: int | None = None
-    batch_size: int | None = None  # rows the sampler hands each micro-batch (a last one may hold fewer)
-
-    def window_end(self, calls: int) -> int | None:
-        """The call index at which the current delivery window (epoch, or training) ends."""
-        ends = []
-        if self.micro_batches_per_epoch:
-            ends.append((calls // self.micro_batches_per_epoch + 1) * self.micro_batches_per_epoch)
-        if self.total_micro_batches:
-            ends.append(self.total_micro_batches)
-        return min(ends) if ends else None
-
-    def position_in_step(self, calls: int) -> int:
-        within_epoch = calls % self.micro_batches_per_epoch if self.micro_batches_per_epoch else calls
-        return within_epoch % self.gradient_accumulation_steps
 
 
 class MixingCollator:
@@ -159,8 +140,8 @@ class MixingCollator:
         max_growth: float = 2.0,
         real_stream_start: int = 0,
     ):
-        self.min_real_fraction = validate_real_fraction(min_real_fraction, allow_low_real_fraction)
         self.allow_low_real_fraction = allow_low_real_fraction
+        self.set_floor(min_real_fraction)
         if unit not in UNITS:
             raise ValueError(f"unit must be one of {UNITS}, got {unit!r}. Use 'tokens' with packing=True.")
         if floor_scope not in SCOPES:
@@ -185,6 +166,8 @@ class MixingCollator:
         if hasattr(real_dataset, "__len__") and len(real_dataset) == 0:
             raise ValueError("real_dataset is empty (0 rows): the real-data floor needs at least one human "
                              "example.")
+        if tokenizer is not None:
+            require_tokenizer(tokenizer, "MixingCollator")
         if tokenizer is not None and getattr(tokenizer, "pad_token_id", 0) is None and base_collator is None:
             raise ValueError(
                 f"tokenizer {type(tokenizer).__name__} has no pad token (pad_token=None): batches cannot be "
@@ -201,6 +184,7 @@ class MixingCollator:
         self.synthetic_filter = synthetic_filter
         self.max_growth = float(max_growth)
 
+        self.setup: TrainerSetup | None = None  # what attach learned (bind)
         self.row_format: RowFormat | None = None
         self.index: SourceIndex | None = None
         self.plan_: FloorPlan | None = None
@@ -220,7 +204,7 @@ class MixingCollator:
         self.credit = {"synthetic": 0.0, "real": 0.0}
         self.step_units = 0
         self.step_real = 0
-        self.counts: Counter = Counter()
+        self.counts = MixingCounts()
         self.dropped: Counter = Counter()
         self.last_real_fraction: float | None = None
         self._snapshots: deque[tuple[int, dict]] = deque(maxlen=8)
@@ -229,6 +213,28 @@ class MixingCollator:
         self._typical_units = 0  # the largest incoming micro-batch seen (tokens unit: its token count)
 
     # ----- setup ----------------------------------------------------------------------------------------
+    def bind(self, setup: TrainerSetup) -> MixingCollator:
+        """Takes what `attach` learned about the trainer, in one call (the only writer of these fields
+        besides the constructor), and marks the collator attached: from then on it mixes only while the
+        trainer trains."""
+        self.tokenizer = setup.tokenizer
+        self.base_collator = setup.base_collator
+        self.row_format = setup.row_format
+        self.recognition = setup.recognition
+        self.composition = setup.composition
+        if setup.index is not None:
+            self.index = setup.index
+        self.setup = setup
+        self.attached = True
+        return self
+
+    def set_floor(self, value: float) -> None:
+        """Sets the floor f, validated like the constructor's `min_real_fraction` (a number in [0, 1]; below
+        0.1 only with `allow_low_real_fraction`). The one writer of `min_real_fraction`: the adaptive floor,
+        a resume and the constructor all go through it, so a bad value fails here, where it is written, not
+        batches later. It applies from the next micro-batch on."""
+        self.min_real_fraction = validate_real_fraction(value, self.allow_low_real_fraction)
+
     def plan(self, gradient_accumulation_steps: int = 1, micro_batches_per_epoch: int | None = None,
              total_micro_batches: int | None = None, batch_size: int | None = None) -> MixingCollator:
         """Declares the training schedule (what `attach` does from the Trainer); for custom training loops.
@@ -246,8 +252,6 @@ class MixingCollator:
     def attach(self, trainer) -> MixingCollator:
         """Makes this collator the trainer's data collator (wrapping the one it built) and adds the callback
         that flushes, checkpoints and pauses it. Call after building the trainer, before `train()`."""
-        from collapse_guard.mixing.attach import attach_collator
-
         attach_collator(self, trainer)
         return self
 
@@ -303,12 +307,12 @@ class MixingCollator:
     def _sources(self, rows: list[dict[str, Any]]) -> list[str]:
         sources = [source_of_example(r) for r in rows]
         unknown = [i for i, s in enumerate(sources) if s is None]
-        self.counts["looked_up"] += len(unknown)
+        self.counts.looked_up += len(unknown)
         if unknown:
             looked_up = self.source_index().sources([as_list(rows[i]["input_ids"]) for i in unknown])
             for i, s in zip(unknown, looked_up, strict=True):
                 sources[i] = s or SYNTHETIC  # unrecognised: synthetic, the safe side for the floor
-                self.counts["unrecognised"] += s is None and len(self.index.synthetic_keys) > 0
+                self.counts.unrecognised += s is None and len(self.index.synthetic_keys) > 0
         return sources
 
     def _segment_sources(self, segments: list[dict[str, list]], row_source: str | None) -> list[str]:
@@ -340,49 +344,14 @@ class MixingCollator:
             self.step_units, self.step_real = 0, 0
         return self.step_units, self.step_real
 
-    def _real_needed(self, done_units: int, done_real: int, units: int) -> int:
-        """Real units this micro-batch needs so the step's cumulative real share stays >= f."""
-        return max(0, math.ceil(self.min_real_fraction * (done_units + units) - _EPS) - done_real)
-
-    def _real_for_synthetic(self, done_units: int, done_real: int, n_synthetic: int) -> int:
-        """The fewest real units r with done_real + r >= f * (done_units + n_synthetic + r)."""
-        f = self.min_real_fraction
-        return max(0, math.ceil((f * (done_units + n_synthetic) - done_real) / (1.0 - f) - _EPS))
-
     def _remaining(self) -> int | None:
         """Micro-batches left in the delivery window, this one included (None: unknown)."""
-        end = self.plan_.window_end(self.calls) if self.plan_ else None
-        return None if end is None else max(end - self.calls, 1)
+        return self.plan_.remaining(self.calls) if self.plan_ else None
 
-    def _drain(self, which: str, excess: float, remaining: int | None) -> float:
-        """How much of a carry-over beyond this micro-batch's natural room to serve now: spread evenly over
-        the rest of the window, everything in its last micro-batch."""
-        if excess <= 0 or remaining is None:
-            return 0
-        if remaining <= 1:
-            return excess
-        self.credit[which] += excess / remaining
-        whole = math.floor(self.credit[which])
-        self.credit[which] -= whole
-        return whole
-
-    def _must_serve(self, pending: float, remaining: int | None, per_call_max: float, units: int,
-                    granule: int = 1) -> float:
-        """The least to serve now so that, at the growth cap, later micro-batches can still absorb the rest
-        of the carry-over and the synthetic rows still to come: their expected number, plus two standard
-        deviations (a binomial draw per micro-batch) and one row (`granule`: the longest segment, with
-        tokens), so an unlucky end of the epoch does not leave rows behind."""
-        if remaining is None or remaining <= 1:
-            return 0
-        prior = self._prior_share()
-        # the share seen so far, shrunk toward the prior while few batches have been seen
-        weight = 8.0 * units
-        share = min(1.0, (self.counts["synthetic_units_seen"] + prior * weight)
-                    / (self.counts["intake_units"] + weight))
-        arriving = share * units
-        later = remaining - 1
-        margin = 2.0 * math.sqrt(later * units * share * (1.0 - share)) + granule
-        return pending - later * (per_call_max - arriving) + margin
+    def _share(self, units: int) -> float:
+        """The expected synthetic share of the units still to come (`policy.expected_share`)."""
+        return expected_share(self._prior_share(), self.counts.synthetic_units_seen,
+                              self.counts.intake_units, units)
 
     def _prior_share(self) -> float:
         """The training set's synthetic share (rows, or tokens with unit='tokens') if known, else 1 - f."""
@@ -403,107 +372,159 @@ class MixingCollator:
         """Incoming rows (segments) join the queues: synthetic ones after the filter, none at all when
         f = 1."""
         synthetic_in = self._filter_synthetic(synthetic_in)
-        self.counts["synthetic_seen"] += len(synthetic_in)
-        self.counts["synthetic_units_seen"] += measure(synthetic_in)
-        self.counts["intake_units"] += units
-        self.counts["real_seen"] += len(real_in)
+        self.counts.synthetic_seen += len(synthetic_in)
+        self.counts.synthetic_units_seen += measure(synthetic_in)
+        self.counts.intake_units += units
+        self.counts.real_seen += len(real_in)
         if self.min_real_fraction >= 1.0:
-            self.counts["synthetic_skipped"] += len(synthetic_in)
+            self.counts.synthetic_skipped += len(synthetic_in)
             synthetic_in = []
         self.synthetic_buffer.extend(synthetic_in)
         self.real_carry.extend(real_in)
 
     def _mix_examples(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        like = token_keys(rows[0])
+        rows, sources, passengers = self._set_aside_no_loss(rows, self._sources(rows))
         b = len(rows)
-        sources = self._sources(rows)
         real_in = [r for r, s in zip(rows, sources, strict=True) if s == REAL]
         self._intake(real_in, [r for r, s in zip(rows, sources, strict=True) if s != REAL], b, len)
-        done_units, done_real = self._begin_micro_batch()
-        room = b - self._real_needed(done_units, done_real, b)
-        remaining = self._remaining()
-        pending = len(self.synthetic_buffer)
-        largest = max(b, math.floor(self.max_growth * self._nominal(b)))
-        per_call_max = math.floor((1.0 - self.min_real_fraction) * largest)
-        wanted = max(room + self._drain("synthetic", pending - room, remaining),
-                     math.ceil(self._must_serve(pending, remaining, per_call_max, self._nominal(b))))
-        n_synthetic = min(pending, int(wanted))
-        if self.min_real_fraction >= 1.0:
-            n_synthetic = 0
-        while (n_synthetic > room
-               and n_synthetic + self._real_for_synthetic(done_units, done_real, n_synthetic) > largest):
-            n_synthetic -= 1  # growth beyond max_growth: the rest waits for a later micro-batch
-        n_real = b - n_synthetic if n_synthetic <= room else self._real_for_synthetic(done_units, done_real,
-                                                                                      n_synthetic)
-        extra_real = int(self._drain("real", len(self.real_carry) - n_real, remaining))
-        n_real += max(0, min(extra_real, largest - n_real - n_synthetic))
-        like = token_keys(rows[0])
+        nominal = self._nominal(b)
+        n_synthetic, n_real = decide_examples(
+            self.min_real_fraction, b, self._begin_micro_batch(),
+            (len(self.synthetic_buffer), len(self.real_carry)), self._remaining(), nominal, self.max_growth,
+            self._share(nominal), self.credit)
         real_rows = [self.real_carry.popleft() for _ in range(min(n_real, len(self.real_carry)))]
-        n_top_up = n_real - len(real_rows)
-        real_rows += [self._top_up(like) for _ in range(n_top_up)]
+        top_ups = []
+        for _ in range(n_real - len(real_rows)):
+            row = self._top_up(like)
+            if row is None:  # no top-up carries loss: the floor goes short (said once, with the fix)
+                break
+            top_ups.append(row)
+        real_rows += top_ups
+        n_real = len(real_rows)
         synthetic_rows = [self.synthetic_buffer.popleft() for _ in range(n_synthetic)]
-        self._account(units=n_real + n_synthetic, real=n_real, incoming=b, top_up=n_top_up,
+        self._account(units=n_real + n_synthetic, real=n_real, incoming=b, top_up=len(top_ups),
                       synthetic=n_synthetic, real_tokens=sum(len(r["input_ids"]) for r in real_rows),
                       synthetic_tokens=sum(len(r["input_ids"]) for r in synthetic_rows))
-        return real_rows + synthetic_rows
+        return real_rows + synthetic_rows + passengers
 
-    def _top_up(self, like: list[str]) -> dict[str, Any]:
-        example = self.stream().next()
+    def _set_aside_no_loss(self, items: list[dict[str, Any]], sources: list[str]
+                           ) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+        """Splits off rows (segments) that carry no loss: they ride along in this micro-batch unchanged but
+        count for nothing, so a real row the trainer cut inside its prompt cannot satisfy the floor."""
+        if all(carries_loss(x) for x in items):  # the usual case: nothing to split
+            return items, sources, []
+        kept, kept_sources, passengers = [], [], []
+        for item, source in zip(items, sources, strict=True):
+            if carries_loss(item):
+                kept.append(item)
+                kept_sources.append(source)
+            else:
+                passengers.append(item)
+                if source == REAL:
+                    self.counts.no_loss_real += 1
+                else:
+                    self.counts.no_loss_synthetic += 1
+                self.counts.real_seen += source == REAL  # recognised all the same (the self-check)
+        if self.counts.no_loss_real:
+            self._warn_once("no_loss_real", (
+                f"MixingCollator: {self.counts.no_loss_real} real row(s) so far carry no loss (every "
+                f"label is -100{self._cut_note()}): they are passed on but do not count toward the real-data "
+                "floor, which counts only rows (tokens) that are trained. Fix: raise max_length or shorten "
+                "the prompts of the real data."))
+        return kept, kept_sources, passengers
+
+    def _cut_note(self) -> str:
         limit = self._row_limit()
-        if limit is not None:
-            example = truncate(example, limit, keep_end=self._format().truncation_mode == "keep_end")
-        return shape_like(example, like or ["input_ids", "labels"])
+        return f" after truncation to max_length={limit}" if limit else ""
+
+    _TOP_UP_TRIES = 16  # draws per top-up before giving up on a pool whose rows carry no loss when cut
+
+    def _top_up(self, like: list[str], fit: int | None = None) -> dict[str, Any] | None:
+        """A real row cut like the trainer cuts its rows (then to its first `fit` tokens, to fill a packed
+        row's free space) and shaped like the batch's rows, that carries loss; None after `_TOP_UP_TRIES`
+        draws that all carried none (warned once): a top-up whose labels are all -100 would count toward the
+        floor while training nothing."""
+        limit = self._row_limit()
+        keep_end = self._format().truncation_mode == "keep_end"
+        for _ in range(self._TOP_UP_TRIES):
+            example = self.stream().next()
+            if limit is not None:
+                example = truncate(example, limit, keep_end=keep_end)
+            if fit is not None:
+                example = truncate(example, fit)
+            if carries_loss(example):
+                return shape_like(example, like or ["input_ids", "labels"])
+            self.counts.top_up_no_loss += 1
+        self._warn_once("top_up_no_loss", (
+            f"MixingCollator: {self._TOP_UP_TRIES} real top-ups in a row carry no loss{self._cut_note()} "
+            "(all their labels are -100: prompt-completion rows whose prompt fills max_length, say), so they "
+            "are not used and this micro-batch gets fewer real rows (tokens) than the floor asks "
+            f"({self.counts.top_up_no_loss} such draws so far). Fix: raise max_length "
+            "(SFTConfig.max_length) or shorten the prompts of the real data."))
+        return None
 
     def _mix_tokens(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         packed = any("seq_lengths" in r for r in rows)
         like = [k for k in token_keys(rows[0])]
-        real_in, synthetic_in = [], []
-        incoming_tokens = 0
+        segments, sources = [], []
         for row in rows:
-            segments = split_row(row)
-            incoming_tokens += sum(len(s["input_ids"]) for s in segments)
-            for seg, source in zip(segments, self._segment_sources(segments, source_of_example(row)),
-                                   strict=True):
-                (real_in if source == REAL else synthetic_in).append(seg)
+            row_segments = split_row(row)
+            segments += row_segments
+            sources += self._segment_sources(row_segments, source_of_example(row))
+        # the token floor counts supervised tokens (labels other than -100): what the loss is taken on
+        segments, sources, passengers = self._set_aside_no_loss(segments, sources)
+        incoming_tokens = sum(supervised_tokens(s) for s in segments)
+        real_in = [seg for seg, source in zip(segments, sources, strict=True) if source == REAL]
+        synthetic_in = [seg for seg, source in zip(segments, sources, strict=True) if source != REAL]
         self._intake(real_in, synthetic_in, incoming_tokens,
-                     lambda segs: sum(len(x["input_ids"]) for x in segs))
+                     lambda segs: sum(supervised_tokens(x) for x in segs))
         done_units, done_real = self._begin_micro_batch()
-        room = incoming_tokens - self._real_needed(done_units, done_real, incoming_tokens)
-        remaining = self._remaining()
-        pending = sum(len(s["input_ids"]) for s in self.synthetic_buffer)
-        largest = self.max_growth * self._nominal(incoming_tokens)
         f = self.min_real_fraction
-        granule = max((len(s["input_ids"]) for s in self.synthetic_buffer), default=1)
-        allowance = max(room + self._drain("synthetic", pending - room, remaining),
-                        self._must_serve(pending, remaining, (1.0 - f) * largest,
-                                         self._nominal(incoming_tokens), granule))
+        room = incoming_tokens - real_needed(f, done_units, done_real, incoming_tokens)
+        remaining = self._remaining()
+        pending = sum(supervised_tokens(s) for s in self.synthetic_buffer)
+        largest = self.max_growth * self._nominal(incoming_tokens)
+        granule = max((supervised_tokens(s) for s in self.synthetic_buffer), default=1)
+        nominal = self._nominal(incoming_tokens)
+        allowance = max(room + spread(self.credit, "synthetic", pending - room, remaining),
+                        must_serve(pending, remaining, (1.0 - f) * largest, nominal, self._share(nominal),
+                                   granule))
         # S + real_for(S) <= largest  <=>  S <= largest (1 - f) - f done + done_real
         allowance = min(allowance, largest * (1.0 - f) - f * done_units + done_real)
         chosen = self._take_synthetic(allowance)
-        synthetic_tokens = sum(len(s["input_ids"]) for s in chosen)
+        synthetic_tokens = sum(supervised_tokens(s) for s in chosen)
         real_target = max(incoming_tokens - synthetic_tokens,
-                          self._real_for_synthetic(done_units, done_real, synthetic_tokens))
-        carry_tokens = sum(len(s["input_ids"]) for s in self.real_carry)
-        extra_real = int(self._drain("real", carry_tokens - real_target, remaining))
+                          real_for_synthetic(f, done_units, done_real, synthetic_tokens))
+        carry_tokens = sum(supervised_tokens(s) for s in self.real_carry)
+        extra_real = int(spread(self.credit, "real", carry_tokens - real_target, remaining))
         real_target += max(0, min(extra_real, int(largest) - real_target - synthetic_tokens))
         real_segments, real_tokens = [], 0
         while self.real_carry and real_tokens < real_target:
             seg = self.real_carry.popleft()
             real_segments.append(seg)
-            real_tokens += len(seg["input_ids"])
+            real_tokens += supervised_tokens(seg)
         if packed:
-            out, top_up, real_tokens = self._pack(chosen, real_segments, real_tokens, real_target, len(rows),
-                                                  like)
+            out, top_up, real_tokens = self._pack(chosen, real_segments, real_target, len(rows), like,
+                                                  passengers)
         else:
             out = [*real_segments, *chosen]
             top_up = 0
             while real_tokens < real_target:
                 seg = self._top_up(like)
+                if seg is None:  # no top-up carries loss: the floor goes short (said once, with the fix)
+                    break
                 out.insert(0, seg)
-                real_tokens += len(seg["input_ids"])
+                real_tokens += supervised_tokens(seg)
                 top_up += 1
+            out += passengers
+        # the token counters stay input tokens (what the trainer is fed); the floor's units are supervised
+        synthetic_in_tokens = sum(len(s["input_ids"]) for s in chosen)
         self._account(units=real_tokens + synthetic_tokens, real=real_tokens, incoming=incoming_tokens,
                       top_up=top_up, synthetic=len(chosen), grown=len(out) > len(rows),
-                      real_tokens=real_tokens, synthetic_tokens=synthetic_tokens)
+                      real_tokens=sum(len(r["input_ids"]) for r in out) - synthetic_in_tokens
+                      - sum(len(p["input_ids"]) for p in passengers),
+                      synthetic_tokens=synthetic_in_tokens)
         return out
 
     def _take_synthetic(self, allowance: float) -> list[dict[str, list]]:
@@ -512,7 +533,7 @@ class MixingCollator:
         chosen, kept, used = [], deque(), 0
         while self.synthetic_buffer:
             seg = self.synthetic_buffer.popleft()
-            n = len(seg["input_ids"])
+            n = supervised_tokens(seg)
             if used + n <= allowance:
                 chosen.append(seg)
                 used += n
@@ -523,8 +544,8 @@ class MixingCollator:
         self.synthetic_buffer.extendleft(reversed(kept))
         return chosen
 
-    def _pack(self, synthetic: list, real: list, real_tokens: int, real_target: int, n_rows: int,
-              like: list[str]) -> tuple[list[dict[str, Any]], int, int]:
+    def _pack(self, synthetic: list, real: list, real_target: int, n_rows: int, like: list[str],
+              passengers: list) -> tuple[list[dict[str, Any]], int, int]:
         """Packs the micro-batch's segments into rows of max_length tokens: synthetic segments first (first
         fit decreasing), then carried real segments where they fit (the rest stay carried), then real
         top-ups cut to fill each row's free space, so a mixed batch carries at least the tokens of the
@@ -532,8 +553,9 @@ class MixingCollator:
         capacity = self._row_limit()
         if capacity is None:
             raise ValueError("packed rows need a max_length: pass max_length=... or attach(trainer).")
-        bins, loads = pack_first_fit(synthetic, capacity, [[] for _ in range(n_rows)], [0] * n_rows)
-        real_tokens = 0
+        bins, loads = pack_first_fit([*synthetic, *passengers], capacity, [[] for _ in range(n_rows)],
+                                     [0] * n_rows)
+        real_tokens = 0  # supervised, as the floor counts them; bins are filled by input tokens
         for seg in sorted(real, key=lambda s: -len(s["input_ids"])):
             n = len(seg["input_ids"])
             slot = next((i for i, load in enumerate(loads) if load + n <= capacity), None)
@@ -542,15 +564,17 @@ class MixingCollator:
                 continue
             bins[slot].append(seg)
             loads[slot] += n
-            real_tokens += n
+            real_tokens += supervised_tokens(seg)
         min_fill = max(2, min(16, capacity // 8))  # shorter fragments carry almost no loss signal
         top_up, i = 0, 0
         while i < len(bins):
             while capacity - loads[i] >= min_fill and (i < n_rows or real_tokens < real_target):
-                seg = truncate(self._top_up(like), capacity - loads[i])
+                seg = self._top_up(like, fit=capacity - loads[i])
+                if seg is None:  # no top-up carries loss: the floor goes short (said once, with the fix)
+                    return [join_segments(b) for b in bins if b], top_up, real_tokens
                 bins[i].append(seg)
                 loads[i] += len(seg["input_ids"])
-                real_tokens += len(seg["input_ids"])
+                real_tokens += supervised_tokens(seg)
                 top_up += 1
             i += 1
             if i == len(bins) and real_tokens < real_target:  # the floor needs another row of real tokens
@@ -562,18 +586,18 @@ class MixingCollator:
                  grown: bool | None = None, real_tokens: int = 0, synthetic_tokens: int = 0) -> None:
         self.step_units += units
         self.step_real += real
-        self.counts["units"] += units
-        self.counts["real_units"] += real
-        self.counts["incoming_units"] += incoming
-        self.counts["real_top_up"] += top_up
-        self.counts["synthetic_served"] += synthetic
-        self.counts["real_tokens"] += real_tokens
-        self.counts["synthetic_tokens"] += synthetic_tokens
+        self.counts.units += units
+        self.counts.real_units += real
+        self.counts.incoming_units += incoming
+        self.counts.real_top_up += top_up
+        self.counts.synthetic_served += synthetic
+        self.counts.real_tokens += real_tokens
+        self.counts.synthetic_tokens += synthetic_tokens
         if grown if grown is not None else units > incoming:
-            self.counts["grown_batches"] += 1
-        self.counts["extra_units"] += max(0, units - incoming)
+            self.counts.grown_batches += 1
+        self.counts.extra_units += max(0, units - incoming)
         self.last_real_fraction = real / units if units else None
-        self.counts["micro_batches"] += 1
+        self.counts.micro_batches += 1
         self._typical_units = max(self._typical_units, incoming)
 
     # ----- calling ----------------------------------------------------------------------------------------
@@ -606,33 +630,14 @@ class MixingCollator:
         return base(self._strip(mixed))
 
     def _self_check(self) -> None:
-        """Warns once when no real row has been recognised although real rows should have arrived by now:
-        at least 10 expected (the chance of none by bad luck is below e**-10), or 200 rows seen when the
-        training set's composition is unknown. Rows that carried their provenance cannot be misread."""
-        seen = self.counts["real_seen"] + self.counts["synthetic_seen"]
-        if "recognition" in self._warned or self.counts["real_seen"] or self.counts["looked_up"] == 0:
+        """Warns once when no real row has been recognised although real rows should have arrived by now
+        (`selfcheck.recognition_problem` says when, and what)."""
+        if "recognition" in self._warned:
             return
-        comp = self.composition
-        if comp is not None:
-            total = comp.get(REAL, 0) + comp.get(SYNTHETIC, 0)
-            expected = comp.get(REAL, 0) / total * seen if total else 0.0
-            if expected < 10:
-                return
-            holds = (f" although the training set holds {comp[REAL]} real rows ({expected:.0f} expected "
-                     "so far)")
-        elif seen < 200:
-            return
-        else:
-            holds = ""
         origin = self.index.origin if self.index is not None else "real-pool fingerprints"
-        self._warn_once(
-            "recognition",
-            f"MixingCollator recognised no real row among the first {seen} rows{holds} (recognition by: "
-            f"{origin}). Real rows in the training set are counted as synthetic and the floor is met with "
-            "extra real top-ups instead. Likely cause: your rows are tokenized differently from the real "
-            "pool (EOS/BOS, truncation, chat template). Fix: keep the 'provenance' column in the training "
-            "set (mix_datasets adds it) and attach the collator to the trainer (collator.attach(trainer)).",
-        )
+        message = recognition_problem(self.counts, self.composition, self.attached, origin)
+        if message is not None:
+            self._warn_once("recognition", message)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -647,7 +652,11 @@ class MixingCollator:
             saved = self.plan_.total_micro_batches
             self.plan_.total_micro_batches = self.calls + 1  # the last micro-batch of its window: flush
             like = token_keys(self.synthetic_buffer[0])
-            filler = [{**self._top_up(like), "provenance": {"source": REAL}} for _ in range(batch_size)]
+            filler = [{**row, "provenance": {"source": REAL}}
+                      for row in (self._top_up(like) for _ in range(batch_size)) if row is not None]
+            if not filler:
+                raise RuntimeError(f"drain(batch_size={batch_size}) cannot serve {pending} pending examples: "
+                                   "no real top-up carries loss (see the warning above).")
             rows = self._mix_examples(filler) if self.unit == "examples" else self._mix_tokens(filler)
             self.plan_.total_micro_batches = saved
             self.calls += 1
@@ -663,7 +672,7 @@ class MixingCollator:
     @property
     def real_fraction(self) -> float | None:
         """Realised real share over every mixed micro-batch so far (examples or tokens, per `unit`)."""
-        return self.counts["real_units"] / self.counts["units"] if self.counts["units"] else None
+        return self.counts.real_units / self.counts.units if self.counts.units else None
 
     def metrics(self) -> dict[str, float]:
         """Counters for logging (`collapse/mixing/...`)."""
@@ -671,14 +680,14 @@ class MixingCollator:
         out = {
             "real_fraction": self.real_fraction if self.real_fraction is not None else nan,
             "min_real_fraction": self.min_real_fraction,
-            "synthetic_served": float(self.counts["synthetic_served"]),
+            "synthetic_served": float(self.counts.synthetic_served),
             "synthetic_pending": float(len(self.synthetic_buffer)),
-            "real_top_up": float(self.counts["real_top_up"]),
-            "grown_batches": float(self.counts["grown_batches"]),
-            "unrecognised": float(self.counts["unrecognised"]),
+            "real_top_up": float(self.counts.real_top_up),
+            "grown_batches": float(self.counts.grown_batches),
+            "unrecognised": float(self.counts.unrecognised),
         }
-        if self.counts["synthetic_skipped"]:
-            out["synthetic_skipped"] = float(self.counts["synthetic_skipped"])
+        if self.counts.synthetic_skipped:
+            out["synthetic_skipped"] = float(self.counts.synthetic_skipped)
         out.update({f"dropped/{reason}": float(n) for reason, n in self.dropped.items()})
         return out
 
@@ -693,7 +702,7 @@ class MixingCollator:
             "real_carry": list(self.real_carry),
             "credit": dict(self.credit),
             "step": [self.step_units, self.step_real],
-            "counts": dict(self.counts),
+            "counts": self.counts.as_dict(),
             "dropped": dict(self.dropped),
             "min_real_fraction": self.min_real_fraction,
         }
@@ -718,9 +727,10 @@ class MixingCollator:
         self.real_carry = deque(state["real_carry"])
         self.credit = dict(state["credit"])
         self.step_units, self.step_real = state["step"]
-        self.counts = Counter(state["counts"])
+        self.counts = MixingCounts.from_dict(state["counts"])
         self.dropped = Counter(state["dropped"])
-        self.min_real_fraction = float(state.get("min_real_fraction", self.min_real_fraction))
+        if state.get("min_real_fraction") is not None:
+            self.set_floor(state["min_real_fraction"])
         self._snapshots.clear()
 
     def state_at(self, calls: int) -> dict[str, Any]:
@@ -735,14 +745,16 @@ class MixingCollator:
 
     def save(self, directory: str | os.PathLike, calls: int | None = None) -> str:
         state = self.state_dict() if calls is None else self.state_at(calls)
+        # The floor is a setting (the adaptive floor's latest decision), not per-batch state: the snapshot of
+        # the last consumed batch predates decisions taken since, and a resume must apply the latest one.
+        state["min_real_fraction"] = self.min_real_fraction
         path = os.path.join(directory, STATE_DIRNAME, f"mixing_collator_rank{rank_world()[0]}.json")
-        atomic_write_text(path, json.dumps(state))
+        atomic_write_json(path, state, indent=None)  # strict JSON: a NaN counter is written as null
         return path
 
     def load(self, directory: str | os.PathLike) -> bool:
         path = os.path.join(directory, STATE_DIRNAME, f"mixing_collator_rank{rank_world()[0]}.json")
         if not os.path.exists(path):
             return False
-        with open(path) as fh:
-            self.load_state_dict(json.load(fh))
+        self.load_state_dict(read_json(path))
         return True

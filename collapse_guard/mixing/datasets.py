@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -15,8 +16,15 @@ from collapse_guard.data import (
     column_names,
     require_format,
 )
-from collapse_guard.mixing.collator import validate_real_fraction
-from collapse_guard.provenance import HUMAN_ROUND, PROVENANCE_COLUMN, REAL, SYNTHETIC, with_provenance
+from collapse_guard.mixing.policy import validate_real_fraction
+from collapse_guard.provenance import (
+    HUMAN_ROUND,
+    PROVENANCE_COLUMN,
+    REAL,
+    SYNTHETIC,
+    make_provenance,
+    with_provenance,
+)
 
 MIX_MODES = ("accumulate", "replace", "fresh")
 
@@ -29,6 +37,44 @@ def _sample_rows(dataset, n: int, seed: int, offset: int = 0):
     """n rows in a seeded order; cycles (repeats) only when the pool is smaller than n."""
     order = np.random.default_rng(seed).permutation(len(dataset))
     return dataset.select([int(order[(offset + i) % len(order)]) for i in range(n)])
+
+
+def _require_finite(dataset, name: str) -> None:
+    """Refuses a streaming synthetic set up front: the mix counts its rows (every one trained, the real
+    share computed from their number), which needs a finite `Dataset`."""
+    if dataset is not None and not hasattr(dataset, "__len__"):
+        raise ValueError(
+            f"mix_datasets: {name} is a streaming {type(dataset).__name__}; a round's synthetic rows are "
+            "counted to size the real share, so they must be a finite Dataset (only `real` may stream). "
+            f"Materialise it first: datasets.Dataset.from_list(list({name}))."
+        )
+
+
+def _as_synthetic(dataset, round_index: int, name: str):
+    """`dataset` with provenance 'synthetic' on every row. Rows passed as synthetic whose own provenance
+    says otherwise are relabelled, with a warning: model output counted as real would satisfy the
+    real-data floor, the one thing the floor exists to prevent. Rows already labelled synthetic keep their
+    record (round, generator details)."""
+    if PROVENANCE_COLUMN not in column_names(dataset):
+        return with_provenance(dataset, SYNTHETIC, round_index)
+    records = dataset[PROVENANCE_COLUMN]
+    wrong = sum(not (isinstance(p, dict) and p.get("source") == SYNTHETIC) for p in records)
+    if not wrong:
+        return dataset
+    fresh = make_provenance(SYNTHETIC, round_index)
+    warnings.warn(
+        f"mix_datasets: {wrong} of the {len(records)} rows passed as {name} carry a provenance that is not "
+        f"'synthetic' (e.g. 'real'); they are relabelled synthetic (round {round_index}), since counting "
+        "model output as real would let it satisfy the real-data floor. If they are human data, pass them in "
+        "`real` instead.", stacklevel=3)
+
+    def relabel(row):
+        p = row[PROVENANCE_COLUMN]
+        if isinstance(p, dict) and p.get("source") == SYNTHETIC:
+            return {PROVENANCE_COLUMN: p}
+        return {PROVENANCE_COLUMN: {**(p if isinstance(p, dict) else {}), **fresh}}
+
+    return dataset.map(relabel)
 
 
 def _take_streaming(real, n: int, seed: int, offset: int = 0):
@@ -82,6 +128,8 @@ def mix_datasets(
         raise ValueError("synthetic is missing: pass this round's generated examples (may be empty).")
     real, synthetic, previous = as_dataset(real, "real"), as_dataset(synthetic, "synthetic"), \
         as_dataset(previous, "previous")
+    _require_finite(synthetic, "synthetic")
+    _require_finite(previous, "previous")
     streaming = real is not None and not hasattr(real, "__len__")
     if (f > 0 or mode == "accumulate") and (real is None or (not streaming and len(real) == 0)):
         raise ValueError("real is missing or empty: the real-data floor needs human examples (a Dataset, a "
@@ -98,9 +146,9 @@ def mix_datasets(
 
     parts = []
     if mode == "accumulate" and previous is not None and len(previous):
-        parts.append(_select_columns(with_provenance(previous, SYNTHETIC, round_index - 1), keep))
+        parts.append(_select_columns(_as_synthetic(previous, round_index - 1, "previous"), keep))
     if len(synthetic):
-        parts.append(_select_columns(with_provenance(synthetic, SYNTHETIC, round_index), keep))
+        parts.append(_select_columns(_as_synthetic(synthetic, round_index, "synthetic"), keep))
     n_other = sum(len(p) for p in parts)
     if f >= 1.0:
         parts, n_other = [], 0  # a floor of 100% real leaves no room for synthetic rows

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from collapse_guard.provenance import PROVENANCE_COLUMN
 
 IGNORE_INDEX = -100
@@ -78,6 +80,28 @@ def join_segments(segments: Sequence[dict[str, list]]) -> dict[str, list]:
     row = {k: [t for seg in segments for t in seg[k]] for k in keys}
     row["seq_lengths"] = [len(seg["input_ids"]) for seg in segments]
     return row
+
+
+def carries_loss(row: dict[str, Any]) -> bool:
+    """Whether a row (or segment) adds anything to the loss. A causal LM predicts token t from the tokens
+    before it, so the first label never counts: a 1-token row, or one whose labels past the first are all
+    -100 (a prompt-completion row cut inside its prompt), trains nothing. Without `labels` the trainer's
+    collator (TRL's `DataCollatorForLanguageModeling`, transformers' LM collator) trains every token."""
+    labels = row.get("labels")
+    if labels is None:
+        return len(row["input_ids"]) >= 2
+    return bool((np.asarray(labels)[1:] != IGNORE_INDEX).any())
+
+
+def supervised_tokens(row: dict[str, Any]) -> int:
+    """The tokens of a row the loss is taken on (labels other than -100; every token without labels), 0 for
+    a row that carries no loss: what the token floor counts."""
+    if not carries_loss(row):
+        return 0
+    labels = row.get("labels")
+    if labels is None:
+        return len(row["input_ids"])
+    return int((np.asarray(labels) != IGNORE_INDEX).sum())
 
 
 def truncate(example: dict[str, list], length: int, keep_end: bool = False) -> dict[str, list]:

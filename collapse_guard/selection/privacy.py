@@ -15,7 +15,8 @@ after round. Two checks, each with its own reason:
     `name at host dot com` forms; not `icon@2x.png`, `git@host:org/repo`, `pkg@1.2.3`.
   - `pii:phone`: `phonenumbers` (Google's libphonenumber) in 14 regions, valid numbers only; a
     national number also needs a trunk `0`, an `(area)` code, a valid North-American layout or a
-    context word before it ("call", "tel", "mobile", "appelez", ...).
+    context word before it ("call", "tel", "mobile", "appelez", ...). Numbers with the reserved
+    North-American area code 555 (fiction, examples) count in every layout, by the same rule.
   - `pii:credit_card`: 14-19 digits with a card-network prefix and the Luhn checksum.
   - `pii:iban`: country code, the country's length and the ISO 7064 mod-97 checksum.
   - `pii:us_ssn`: `AAA-GG-SSSS` with a valid area / group / serial; spaced or bare digits only after
@@ -35,7 +36,9 @@ after round. Two checks, each with its own reason:
   - `pii:jwt`: JSON Web Tokens (`eyJ...eyJ...signature`).
   - `pii:credentials_in_url`: `scheme://user:password@host`.
   - `pii:password`: `password: value`, `pwd=value`, "the password is value", with a value that is
-    not a placeholder (`********`, `<your password>`, `os.environ[...]`, `${VAR}`).
+    not a placeholder (`********`, `<your password>`, `os.environ[...]`, `${VAR}`). A plain word
+    counts when it is the whole value of a `password:` / `passwd=` field ("password: sunshine");
+    in prose ("the password is correct", "Forgot your password: click here") it does not.
   - `pii:secret`: a value assigned to `api_key` / `secret` / `token` / ..., or a 32+ character
     mixed-case random-looking token (not a CamelCase identifier, not a data URI or digest).
 
@@ -240,6 +243,14 @@ _PHONE_CONTEXT = re.compile(
     r"hotline|number|appel|portable|téléphone|telefon|anrufen|rufen|ligue|llam|電話|携帯)[^\d\n]{0,25}$"
 )
 _NANP = re.compile(r"^(?:1[\s.-])?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}$")
+# 555 is the North-American area code reserved for fiction and examples: libphonenumber calls it
+# invalid, so without this rule "(555) 123-4567" was a phone only because another region's plan
+# happened to accept its digits, while "555-123-4567" and "+1 555 123 4567" were kept. A generated
+# phone number is dropped whatever its area code (the filter cannot tell a template from a memorised
+# number), so a 555 number counts as a valid North-American one in every layout, judged by the same
+# `_phone_accepted` rule as any other (bare digits still need a context word).
+_NANP_555 = re.compile(
+    r"(?<![\w+])(?:\+1[\s.-]?|1[\s.-])?(?:\(555\)[\s.-]?|555[\s.-]?)\d{3}[\s.-]?\d{4}(?!\w)")
 _PHONE_FALLBACK = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w])"
     r"|(?<![\w+])\+\d{1,3}(?:[\s.-]?\d{2,4}){3,4}(?!\w)"
@@ -273,6 +284,8 @@ def _phone_accepted(text: str, start: int, raw: str, regions_valid: set[str]) ->
 def _has_phone(text: str, regions: Sequence[str] = PHONE_REGIONS) -> bool:
     if not _PHONE_CANDIDATE.search(text):
         return False
+    if any(_phone_accepted(text, m.start(), m.group(), {"US", "CA"}) for m in _NANP_555.finditer(text)):
+        return True
     if importlib.util.find_spec("phonenumbers") is None:
         _warn_missing("phonenumbers", "phone numbers are found by a regex for +international and "
                       "North-American formats only (national formats of other countries are missed)")
@@ -340,8 +353,14 @@ _PLACEHOLDER = re.compile(r"(?i)^(?:\*+|x{3,}|\.{3}|[<\[{(].*|\$\{.*|\{\{.*|%\(.
 # the look-behind is case-sensitive: "PGPASSWORD=" is an assignment, "mypassword" is a word
 _PASSWORD = re.compile(
     r"(?<![a-z])(?i:password|passwd|passphrase|pwd|mot\s+de\s+passe|passwort|contraseña|senha)"
-    r"[\"']?\s*(?:[:=]|\s(?i:is|est|ist|es|é)\s)\s*(?P<q>[\"']?)(?P<v>[^\s\"',;]{4,})"
+    r"[\"']?\s*(?:(?P<sep>[:=])|\s(?i:is|est|ist|es|é)\s)\s*(?P<q>[\"']?)(?P<v>[^\s\"',;]{4,})"
 )
+# What may follow a one-word value for it to be the whole field: the end of the line (after a full
+# stop or a closing bracket), a field separator, or the next `key:` / `key=`. "password: sunshine" and
+# "user: bob, passwd: dragon" end there; "Forgot your password: click here" goes on, so it is prose.
+_FIELD_END = re.compile(r"[.!)\]}>]?[ \t]*(?:$|\n|[,;|&][ \t]*|[ \t]+[\w.-]+[\"']?[ \t]*[:=])")
+# "Enter your password: Settings." is an instruction, not a value: a key after these words is prose
+_INSTRUCTION_BEFORE = re.compile(r"(?i)\b(?:your|the|a|new|reset|forgot|forgotten|change|enter|type)\s+$")
 _KEYWORD_SECRET = re.compile(
     r"(?i)(?<![a-z])(?:api[_-]?key|apikey|secret(?:[_-]?key)?|client[_-]?secret|access[_-]?token"
     r"|auth[_-]?token|"
@@ -367,7 +386,18 @@ def _assigned_value(pattern: re.Pattern, text: str, min_classes: int = 2) -> boo
 
 
 def _has_password(text: str) -> bool:
-    return _assigned_value(_PASSWORD, text)
+    if _assigned_value(_PASSWORD, text):
+        return True
+    # A plain word is a password too when it is the whole value of a `password:` / `passwd=` field
+    # ("password: sunshine"): the mixed-class test above is for the prose form ("the password is
+    # correct"), where a plain word is usually just a word.
+    for match in _PASSWORD.finditer(text):
+        value = match.group("v").rstrip(".!)]}>")
+        if (match.group("sep") and value.isalpha() and not _PLACEHOLDER.match(value)
+                and _FIELD_END.match(text, match.end())
+                and not _INSTRUCTION_BEFORE.search(text, max(0, match.start() - 20), match.start())):
+            return True
+    return False
 
 
 def _has_keyword_secret(text: str) -> bool:
