@@ -49,6 +49,8 @@ _EXPORTS = {
     # data
     "load_source": "collapse_guard.data",
     "with_provenance": "collapse_guard.provenance",
+    # equal compute: tokens counted at the model input
+    "TokenBudgetCallback": "collapse_guard.token_budget",
     # the loop
     "run_rounds": "collapse_guard.loop",
     "load_config": "collapse_guard.config",
@@ -76,6 +78,7 @@ __all__ = [
     "RewardModelSelector",
     "SelectionPipeline",
     "Selector",
+    "TokenBudgetCallback",
     "Verdict",
     "VerifierSelector",
     "diversity_metrics",
@@ -130,3 +133,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
         Selector,
         VerifierSelector,
     )
+    from collapse_guard.token_budget import TokenBudgetCallback

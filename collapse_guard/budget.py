@@ -5,6 +5,10 @@ share of the job past `cost_budget`; the first and the final measurement are alw
 counted in wall-clock seconds or in forward tokens (a training token counts 3: forward and backward); the
 training tokens come from a forward pre-hook on the model that skips the guard's own forwards.
 
+What the user reads: the schedule once, when training starts (`announce`), and an over-budget warning at
+the end only when measurements beyond the required first and final one took the guard over (`warn_if_over`):
+on a job too short for the budget, those two alone can exceed it, and no setting of the guard changes that.
+
 Every counter is reset in one place, `start()`, when a trainer starts (or resumes) training.
 
 Example:
@@ -35,6 +39,8 @@ from typing import Any, Literal
 from collapse_guard.distributed import broadcast, is_main
 
 logger = logging.getLogger(__name__)
+# What the schedule lines said in this process: a loop's rounds share one schedule, said once.
+_ANNOUNCED: set[str | tuple] = set()
 
 # A training token is one forward and one backward pass: about three forward tokens of compute.
 TRAIN_TOKEN_COST = 3.0
@@ -72,6 +78,10 @@ class MeasurementBudget:
         self.started = time.perf_counter()
         self.trained_tokens = 0.0
         self.last_measured = last_measured
+        # measurements beyond the required ones (the first, the final, a forced re-check): the part of the
+        # cost that eval_steps, evaluation requests and the budget control
+        self.optional_measurements = 0
+        self._forced_step: int | None = None
         if model is not None:
             self._count_training_tokens(model)
 
@@ -86,6 +96,8 @@ class MeasurementBudget:
         if step == self.last_measured:
             return False
         if final or forced:
+            if not final:
+                self._forced_step = step
             return True
         if step - max(self.last_measured, 0) < self.eval_steps:
             return False
@@ -95,7 +107,35 @@ class MeasurementBudget:
         trained = self._trained()
         projected = trained * max(1.0, max_steps / step) if step > 0 else trained
         planned = self.spent[self.unit] + 2 * next_cost  # this one and the final one
-        return bool(broadcast(planned <= self.cost_budget * (projected + planned)))
+        fits = bool(broadcast(planned <= self.cost_budget * (projected + planned)))
+        said = ("skip", self.eval_steps, self.cost_budget, self.unit)  # once per process, like the schedule
+        if not fits and said not in _ANNOUNCED and is_main():
+            _ANNOUNCED.add(said)
+            logger.info("collapse guard: no measurement at step %d: with the final one it would take the "
+                        "guard past its cost_budget of %s of this run (a measurement costs about %.3g %s); "
+                        "the final one is still taken.", step, _percent(self.cost_budget), next_cost,
+                        self.unit)
+        return fits
+
+    def plan(self, max_steps: int) -> str:
+        """The schedule in one sentence, for a run of `max_steps` optimizer steps (0: not known)."""
+        end = f"the end of training (step {max_steps})" if max_steps > 0 else "the end of training"
+        if 0 < max_steps <= self.eval_steps:
+            return (f"collapse guard: measures at the start and {end} only: eval_steps={self.eval_steps} "
+                    f"leaves no measurement in between on a run of {max_steps} steps.")
+        if self.cost_budget is None:
+            return f"collapse guard: measures at the start, every {self.eval_steps} steps and at {end}."
+        unit = "wall-clock time" if self.unit == "seconds" else "forward tokens"
+        return (f"collapse guard: measures at the start and {end}, and every {self.eval_steps} steps in "
+                f"between while they fit its cost_budget of {_percent(self.cost_budget)} of the run (in "
+                f"{unit}); the first and the final measurement are taken whatever they cost.")
+
+    def announce(self, max_steps: int) -> None:
+        """Says the schedule (`plan`) once per process, on rank 0: when a trainer starts training."""
+        text = self.plan(max_steps)
+        if is_main() and text not in _ANNOUNCED:
+            _ANNOUNCED.add(text)
+            logger.info(text)
 
     def generates(self, final: bool) -> bool:
         """Whether the next measurement generates (held-out perplexity alone is cheaper)."""
@@ -111,8 +151,11 @@ class MeasurementBudget:
         finally:
             self.measuring = False
 
-    def record(self, step: int, cost: dict[str, Any]) -> None:
-        """Books a measurement taken at `step` and what it cost (`Probe.measure`'s "cost")."""
+    def record(self, step: int, cost: dict[str, Any], final: bool = False) -> None:
+        """Books a measurement taken at `step` and what it cost (`Probe.measure`'s "cost"); `final`: the
+        run's final measurement (required, like the first one and a forced re-check)."""
+        if not (final or self.last_measured < 0 or step == self._forced_step):
+            self.optional_measurements += 1
         self.spent["seconds"] += cost["seconds"]
         self.spent["tokens"] += cost["forward_tokens"]
         self.spent["measurements"] += 1
@@ -137,18 +180,29 @@ class MeasurementBudget:
         return self.spent["seconds"] / elapsed if elapsed > 0 else 0.0
 
     def warn_if_over(self) -> None:
-        """The first and the final measurement are never skipped: on a job too short for them, say so."""
+        """Warns when the guard went over its budget with measurements it could have skipped.
+
+        The first and the final measurement are taken whatever they cost, so on a short job they alone can
+        exceed the budget; the schedule said so when training started (`announce`), and the share stays in
+        `share()` (the loop's train.json), with a debug line here rather than a warning nobody can act on.
+        """
         budget, share = self.cost_budget, self.share()
         if budget is None or share <= budget or not is_main():
             return
         each = self.spent[self.unit] / max(self.spent["measurements"], 1)
+        if not self.optional_measurements:
+            logger.debug("collapse guard: its required first and final measurements took %.1f%% of this "
+                         "training run (about %.3g %s each); they fit its cost_budget of %s from about "
+                         "%.3g %s of training.", 100 * share, each, self.unit, _percent(budget),
+                         2 * each / budget, self.unit)
+            return
         logger.warning(
-            "collapse guard: it took %.1f%% of this training run, over its cost_budget of %.1f%%: %d "
-            "measurement(s) of about %.3g %s each, and the first and the final one are always taken. The job "
-            "needs about %.3g %s of training for those two to fit the budget; or make a measurement cheaper "
-            "(ProbeConfig: fewer heldout texts, n_prompts, max_new_tokens, a shorter context_length).",
-            100 * share, 100 * budget, self.spent["measurements"], each, self.unit, 2 * each / budget,
-            self.unit)
+            "collapse guard: it took %.1f%% of this training run, over its cost_budget of %s: %d "
+            "measurement(s) beyond the first and the final one (every eval_steps=%d steps, or asked for by "
+            "the Trainer's evaluation), about %.3g %s each. Raise eval_steps, evaluate less often, or make a "
+            "measurement cheaper (ProbeConfig: fewer heldout texts, n_prompts, max_new_tokens, a shorter "
+            "context_length).",
+            100 * share, _percent(budget), self.optional_measurements, self.eval_steps, each, self.unit)
 
     def _count_training_tokens(self, model) -> None:
         """A forward pre-hook counting the tokens the model trains on, skipping the guard's own forwards.
@@ -167,3 +221,7 @@ class MeasurementBudget:
         if self._hook is not None:
             self._hook.remove()
         self._hook = module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.3g}%"

@@ -215,7 +215,7 @@ class CollapseGuardCallback(TrainerCallback):
         """Measures `model` now (collective), judges the history and records the entry."""
         with self.budget.measurement():
             signals = self.probe.measure(model, generations=self.budget.generates(final))
-        self.budget.record(step, signals.pop("cost"))
+        self.budget.record(step, signals.pop("cost"), final=final)
         entry = {"round": self.config.round_index, "step": step, "final": final, **signals}
         # what on_log found non-finite at this step (loss, gradient norm) stays part of its entry
         judged = self.history.at(self.config.round_index, step) or {}
@@ -304,6 +304,7 @@ class CollapseGuardCallback(TrainerCallback):
         self.history = self._load_history(args, step)
         self.last_verdict, self._stopped_at = None, None
         self.budget.start(model=model)
+        self.budget.announce(state.max_steps)
         if self.floor is not None:
             self.floor.begin(next((e for e in reversed(self.history.entries) if "floor" in e), None), resumed)
         latest = self.history.last(round_index)

@@ -33,7 +33,16 @@ class UsageError(ValueError):
 
 
 def _configure_logging(verbose: bool) -> None:
-    """One readable line per phase on rank 0; library progress bars and chatter only with -v."""
+    """One readable line per phase on rank 0; library progress bars and chatter only with -v.
+
+    Without -v each library is quietened by its own switch, so the console holds the project's lines only:
+    transformers and huggingface_hub (verbosity error, progress bars off: the weight-loading bars and load
+    reports), datasets (the map and save bars), and tqdm's `TQDM_DISABLE` default for the bars a library
+    opens without a switch of its own (the Trainer's, transformers' GGUF conversion); the collapse-guard
+    generation bar follows transformers' switch. A fresh process reads the environment switches when it
+    imports each library (nothing heavy is imported yet, so `report` stays quick); a library already
+    imported (`main()` called in-process) is switched by its functions.
+    """
     from collapse_guard.distributed import MainProcessFilter
 
     handler = logging.StreamHandler(sys.stderr)
@@ -43,19 +52,25 @@ def _configure_logging(verbose: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-    if not verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|trl|torch|peft)\.")
-        try:
-            import datasets
+    if verbose:
+        return
+    for name, value in (("TQDM_DISABLE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(name, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|trl|torch|peft)\.")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
 
-            datasets.disable_progress_bars()
-            datasets.logging.set_verbosity_error()
-        except ImportError:  # pragma: no cover
-            pass
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()  # huggingface_hub's bars too
+    try:
+        import datasets  # no environment switch that -v in a later in-process call could undo
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _print_results(results: dict, output_dir: str) -> None:

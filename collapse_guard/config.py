@@ -51,7 +51,7 @@ from collapse_guard.probe import ProbeConfig
 
 COMPONENT_KEY = "class"
 BUILTIN_MODELS = ("smollm2", "tiny")
-GENERATION_METHODS = ("continuation", "magpie")
+GENERATION_METHODS = ("continuation", "magpie", "task")
 # Constructor parameters the loop fills in for a plug-in that names them (selectors, mixing.synthetic_filter).
 PROVIDED = ("tokenizer", "model", "reference_model", "real_texts", "human_texts", "heldout_texts",
             "eval_texts", "keep")
@@ -223,10 +223,23 @@ class DataConfig:
         "help": "Use at most this many held-out documents."})
     max_words: int | None = field(default=None, metadata={
         "help": "Truncate every real and held-out document to its first N words (bounds CPU cost)."})
+    report_heldout: int | None = field(default=None, metadata={
+        "help": "Keep the next N documents of `heldout` (after the first max_heldout) apart as the report "
+                "set: measured every round as heldout_ppl@report, never read by the guard, the detector or "
+                "the adaptive floor, so the results are not judged on the text that steered the run. Needs "
+                "max_heldout. null: none."})
 
     def __post_init__(self) -> None:
         self.extra_heldout = dict(self.extra_heldout or {})
-        for key in ("max_real", "max_heldout", "max_words"):
+        if self.report_heldout is not None:
+            if self.max_heldout is None:
+                _fail("data.report_heldout", self.report_heldout,
+                      "set data.max_heldout too: the report set is the documents after the first "
+                      "max_heldout.")
+            if "report" in self.extra_heldout:
+                _fail("data.extra_heldout.report", self.extra_heldout["report"],
+                      "'report' is the name data.report_heldout uses; rename this corpus.")
+        for key in ("max_real", "max_heldout", "max_words", "report_heldout"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 _fail(f"data.{key}", value, "use a positive count or null for no limit.")
@@ -238,9 +251,11 @@ class GenerationConfig:
     sit beside these three in the recipe (`generation: {method: continuation, n_samples: 16,
     prefix_tokens: 4}`)."""
 
-    method: Literal["continuation", "magpie"] = field(default="continuation", metadata={
+    method: Literal["continuation", "magpie", "task"] = field(default="continuation", metadata={
         "help": "'continuation': the model continues prefixes of real documents (Shumailov et al.); "
-                "'magpie': it writes chat instructions and answers (needs a chat real pool)."})
+                "'magpie': it writes chat instructions and answers (needs a chat real pool); 'task': it "
+                "samples answers to a verifiable task's problems (expert iteration: keep the correct ones "
+                "with a VerifierSelector)."})
     n_samples: int = field(default=64, metadata={"help": "Synthetic rows a round trains on."})
     pool_factor: float = field(default=1.0, metadata={
         "help": "Generate this many times n_samples; selection keeps the best n_samples."})
@@ -260,8 +275,9 @@ class GenerationConfig:
     @staticmethod
     def settings_class(method: str) -> type:
         from collapse_guard.generation import ContinuationConfig, MagpieConfig
+        from collapse_guard.generation.task_samples import TaskConfig
 
-        return ContinuationConfig if method == "continuation" else MagpieConfig
+        return {"continuation": ContinuationConfig, "magpie": MagpieConfig, "task": TaskConfig}[method]
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], prefix: str) -> GenerationConfig:
@@ -314,6 +330,11 @@ class MixingConfig:
         "help": "Train every round on exactly this many rows (real + synthetic, at min_real_fraction), "
                 "whatever the mode: arms compared in one report then train on the same budget. null: all the "
                 "round's data."})
+    tokens_per_round: int | None = field(default=None, metadata={
+        "help": "Train every round on this many tokens, counted at the model input (top-ups and packing "
+                "included, padding not): training stops at the first optimizer step that reaches it, so arms "
+                "compared in one report train at equal compute. Give enough epochs to reach it. null: "
+                "whatever the epochs give (the count is reported either way)."})
     max_growth: float = field(default=2.0, metadata={
         "help": "A micro-batch holds at most this many times the rows (tokens) the sampler gave it when the "
                 "collator takes extra rows to train carried-over synthetic rows (>= 1)."})
@@ -334,6 +355,9 @@ class MixingConfig:
         if self.rows_per_round is not None and (not isinstance(self.rows_per_round, int)
                                                 or self.rows_per_round < 2):
             _fail("mixing.rows_per_round", self.rows_per_round, "use an int >= 2 or null.")
+        if self.tokens_per_round is not None and (isinstance(self.tokens_per_round, bool) or not isinstance(
+                self.tokens_per_round, int) or self.tokens_per_round < 1):
+            _fail("mixing.tokens_per_round", self.tokens_per_round, "use an int >= 1 (tokens) or null.")
         if not (math.isfinite(self.max_growth) and self.max_growth >= 1.0):
             _fail("mixing.max_growth", self.max_growth,
                   "use a number >= 1 (largest micro-batch / the rows the sampler gave it).")

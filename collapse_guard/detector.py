@@ -169,6 +169,17 @@ class DetectorConfig:
         default=0.60,
         metadata={"help": "Alarm when the low-ppl share > this."},
     )
+    task_signal: str = field(
+        default="task_accuracy",
+        metadata={"help": "History key of the task accuracy (per-problem outcomes under task_correct)."},
+    )
+    task_drop_warn: float = field(
+        default=0.05,
+        metadata={"help": "Warn when task accuracy fell more than this (absolute, 0.05 = 5 points) below "
+                          "the best earlier measurement, with the paired bootstrap interval of the fall "
+                          "(over the same problems) below 0; without per-problem outcomes, the point fall "
+                          "decides."},
+    )
     nonfinite_alarm_signals: tuple[str, ...] = field(
         default=names(nonfinite_alarm=True),
         metadata={"help": "A NaN or infinite value of any of these signals is an alarm."},
@@ -184,7 +195,8 @@ class DetectorConfig:
         self.nonfinite_alarm_signals = tuple(self.nonfinite_alarm_signals)
         for name in ("ppl_ratio_warn", "ppl_ratio_alarm", "self_bleu_ratio_warn", "self_bleu_ratio_alarm",
                      "diversity_ratio_warn", "diversity_ratio_alarm", "low_ppl_share_warn",
-                     "low_ppl_share_alarm", "ppl_rise_tolerance", "min_baseline", "self_bleu_min_rise"):
+                     "low_ppl_share_alarm", "ppl_rise_tolerance", "min_baseline", "self_bleu_min_rise",
+                     "task_drop_warn"):
             value = getattr(self, name)
             if not _finite(value) or value < 0:
                 raise ValueError(f"DetectorConfig.{name} must be a finite number >= 0, got {value!r}.")
@@ -408,7 +420,7 @@ class CollapseDetector:
             return verdict
         c = self.config
         scalar_signals = {c.ppl_signal, *c.diversity_signals, c.self_bleu_signal, c.low_ppl_signal,
-                          *c.nonfinite_alarm_signals}
+                          c.task_signal, *c.nonfinite_alarm_signals}
         checked = []
         for i, entry in enumerate(history):
             if not isinstance(entry, Mapping):
@@ -427,6 +439,7 @@ class CollapseDetector:
         self._diversity(latest, baseline, baseline_label, intervals, why_not, verdict)
         self._self_bleu(latest, baseline, baseline_label, intervals, why_not, verdict)
         self._low_ppl(latest, verdict)
+        self._task(history, verdict)
         return verdict
 
     # ----- intervals ------------------------------------------------------------------------------
@@ -648,6 +661,45 @@ class CollapseDetector:
             verdict, f"{share:.0%} of generations sit below the human 25th ppl percentile (human: 25%)",
             alarm=(share > c.low_ppl_share_alarm, f"alarm above {c.low_ppl_share_alarm:.0%}"),
             warn=(share > c.low_ppl_share_warn, f"warn above {c.low_ppl_share_warn:.0%}"))
+
+
+    def _task(self, history: Sequence[Mapping[str, Any]], verdict: Verdict) -> None:
+        """Task accuracy against its best earlier value: a self-training loop that loses what it gained is
+        degrading even while the human text still reads well."""
+        from collapse_guard.task import accuracy_change
+
+        c = self.config
+        latest = history[-1]
+        accuracy = latest.get(c.task_signal)
+        if not _finite(accuracy):
+            return
+        verdict.signals[c.task_signal] = float(accuracy)
+        earlier = [e for e in history[:-1] if _finite(e.get(c.task_signal))]
+        if not earlier:
+            return
+        best = max(earlier, key=lambda e: e[c.task_signal])
+        outcomes = c.task_signal.replace("accuracy", "correct")
+        old, new = best.get(outcomes), latest.get(outcomes)
+        est, method = None, "point estimate"
+        fall = float(best[c.task_signal]) - float(accuracy)
+        if isinstance(old, Sequence) and isinstance(new, Sequence) and len(old) == len(new) >= c.min_items:
+            change = accuracy_change(old, new, c.confidence, c.ppl_bootstrap_resamples, c.bootstrap_seed)
+            est, method = change, f"paired bootstrap over {change.n} problems"
+            fell = -change.change > c.task_drop_warn and change.high < 0
+            numbers = f"{change.change:+.1%} [{change.low:+.1%}, {change.high:+.1%}] over {change.n} problems"
+        else:
+            fell = fall > c.task_drop_warn
+            numbers = f"{-fall:+.1%}"
+        evidence = _evidence(accuracy, best[c.task_signal], _label(best, "the best earlier measurement"),
+                             None, None, method, f"warn when it falls more than {c.task_drop_warn * 100:g} "
+                                                 "points below its best earlier value")
+        if est is not None:
+            evidence.update(low=est.low, high=est.high, n=est.n, confidence=est.confidence)
+        verdict.evidence[c.task_signal] = evidence
+        evidence["level"] = _flag(
+            verdict, f"task accuracy {float(accuracy):.0%} fell from {float(best[c.task_signal]):.0%} at "
+                     f"{_label(best, 'its best')} ({numbers})",
+            alarm=(False, ""), warn=(fell, f"warn when it falls more than {c.task_drop_warn * 100:g} points"))
 
 
 def _corpus_ppl(entry: Mapping[str, Any], c: DetectorConfig) -> float:

@@ -41,9 +41,10 @@ from typing import Any
 from collapse_guard.config import Lazy, LoopConfig, build_component, check_config, expand, to_dict
 from collapse_guard.distributed import barrier, broadcast, init_process_group, is_main
 from collapse_guard.history import FILENAME as HISTORY_FILENAME
-from collapse_guard.history import History
+from collapse_guard.history import History, measurement, write_verdict
 from collapse_guard.io import atomic_save_dataset, atomic_write_json, read_json
 from collapse_guard.rundir import RunFolderError, RunLock, RunState, claim
+from collapse_guard.signals import finite
 
 logger = logging.getLogger("collapse_guard.loop")
 
@@ -206,9 +207,17 @@ def _make_context(config: LoopConfig, state: RunState, run_dir: Path,
     base_dir = _prepare_base_model(config, run_dir)
     data = config.data
     real = load_source(data.real, data.max_real, data.max_words)
-    heldout_texts = texts_of(load_source(data.heldout, data.max_heldout, data.max_words))
+    heldout_texts = texts_of(load_source(data.heldout, data.max_heldout + (data.report_heldout or 0)
+                                         if data.max_heldout else None, data.max_words))
     extra = {name: texts_of(load_source(spec, data.max_heldout, data.max_words))
              for name, spec in data.extra_heldout.items()}
+    if data.report_heldout:
+        # decide on the first max_heldout documents, report on the rest: the same source, never the same text
+        heldout_texts, extra["report"] = heldout_texts[: data.max_heldout], heldout_texts[data.max_heldout:]
+        if len(extra["report"]) < 2:
+            raise ValueError(f"data.report_heldout={data.report_heldout}: {data.heldout!r} has "
+                             f"{len(heldout_texts) + len(extra['report'])} documents, too few after the "
+                             f"first max_heldout={data.max_heldout} for a report set; lower max_heldout.")
     history = History.load(run_dir / HISTORY_FILENAME)
     tokenizer = load_tokenizer(base_dir)
     # before round 0: TRL would fail on it deep inside round 1's training
@@ -266,6 +275,15 @@ def generate_step(ctx: RunContext, r: int):
     if c.generation.method == "magpie":
         generator = MagpieGenerator(model, ctx.tokenizer, settings)
         generated = generator.generate(n, seed=c.seed + r, round_index=r)
+    elif c.generation.method == "task":
+        from collapse_guard.generation.task_samples import TaskSampler
+
+        generator = TaskSampler(model, ctx.tokenizer, settings.samples_per_problem, settings.max_new_tokens,
+                                settings.temperature, settings.top_p, batch_size=settings.batch_size)
+        # fresh training problems every round and seed; the held-out problems are never among them
+        problems = settings.training_problems(math.ceil(n / settings.samples_per_problem),
+                                              seed=c.seed * 1000 + r)
+        generated = generator.generate(problems, seed=c.seed + r, round_index=r)
     else:
         settings.show_progress = is_main()
         generator = ContinuationGenerator(model, ctx.tokenizer, settings)
@@ -367,14 +385,22 @@ def mix_step(ctx: RunContext, r: int, selected):
     m, c = ctx.config.mixing, ctx.config
     path = ctx.round_dir(r) / "train"
     if is_main():
+        if len(selected) and "text" in ctx.real.column_names and "text" not in selected.column_names:
+            selected = _as_chat_text(selected, ctx.tokenizer)
         columns = [col for col in ctx.real.column_names if col in selected.column_names] + ["provenance"]
         if len(selected) == 0 and m.mode != "accumulate" and m.min_real_fraction <= 0:
             raise RuntimeError(f"round {r}: selection kept no synthetic sample and "
                                "mixing.min_real_fraction=0 allows no real data: nothing to train on. Loosen "
                                "the selectors or set a real floor.")
+        fraction = m.min_real_fraction
+        if len(selected) == 0 and m.mode == "replace" and 0 < fraction < 1:
+            # a floor is a share of the synthetic rows' company: with none kept, the round is real rows only
+            logger.warning("%s | round %d: no synthetic row to train on; the round trains on real rows only.",
+                           c.name, r)
+            fraction = 1.0
         mixed = mix_datasets(ctx.real, selected.select_columns([col for col in columns if col in
                                                                 selected.column_names]) if len(selected) else
-                             selected, mode=m.mode, min_real_fraction=m.min_real_fraction, seed=c.seed + r,
+                             selected, mode=m.mode, min_real_fraction=fraction, seed=c.seed + r,
                              round_index=r,
                              previous=_previous_synthetic(ctx, r) if m.mode == "accumulate" else None,
                              allow_low_real_fraction=m.allow_low_real_fraction)
@@ -384,6 +410,15 @@ def mix_step(ctx: RunContext, r: int, selected):
         save_dataset(mixed, path)
     barrier()
     return load_dataset_dir(path)
+
+
+def _as_chat_text(rows, tokenizer):
+    """Chat rows (a task's questions and kept answers) as plain text rendered with the model's chat template,
+    so one SFT dataset holds them beside the human documents of a plain-text real pool."""
+    from collapse_guard.data import conversations
+
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in conversations(rows)]
+    return rows.add_column("text", texts).select_columns(["text", "provenance"])
 
 
 def _describe_mix(dataset) -> str:
@@ -423,7 +458,10 @@ def _sft_config(ctx: RunContext, r: int, output_dir: Path):
         "output_dir": str(output_dir), "seed": ctx.config.seed + r, "use_cpu": on_cpu,
         "bf16": False if on_cpu else torch.cuda.is_bf16_supported(), "disable_tqdm": not is_main(),
     }
-    kwargs.update(ctx.config.training.sft_kwargs())
+    training = ctx.config.training.sft_kwargs()
+    if "gradient_checkpointing" not in training:  # TRL's default (on), by the name transformers 5 asks for
+        kwargs["activation_checkpointing"] = True
+    kwargs.update(training)
     return SFTConfig(**kwargs)
 
 
@@ -461,6 +499,7 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
 
     from collapse_guard.callbacks import CollapseGuardCallback
     from collapse_guard.mixing import MixingCollator
+    from collapse_guard.token_budget import TokenBudgetCallback
 
     c, m = ctx.config, ctx.config.mixing
     init_dir = ctx.model_dir(r - 1) if c.model.init_from == "previous" else ctx.base_model_dir
@@ -495,15 +534,20 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
         guard = CollapseGuardCallback(
             ctx.heldout_texts, prompts=ctx.eval_prompts, collator=collator,
             config=c.guard.for_round(r, str(ctx.run_dir / HISTORY_FILENAME)), probe=c.evaluation.probe(),
-            detector=c.detector, start=_strip_verdict(start), floor=c.guard.floor)
+            detector=c.detector, start=measurement(start) if start is not None else None,
+            floor=c.guard.floor)
         guard.attach(trainer)
     else:
         collator.attach(trainer)
+    # counted at the model input: what the arms of one report are compared on (top-ups included)
+    budget = TokenBudgetCallback(m.tokens_per_round)
+    trainer.add_callback(budget)
     for i, spec in enumerate(c.callbacks):
         trainer.add_callback(build_component(spec, f"callbacks[{i}]", c.trust_recipe_code))
     checkpoint = _last_checkpoint(output_dir)
     ctx.progress.phase(r, f"training on {len(train_dataset)} rows "
-                          f"({trainer.args.num_train_epochs:g} epoch(s))"
+                          + (f"(until {m.tokens_per_round:,} tokens at the model input)" if m.tokens_per_round
+                             else f"({trainer.args.num_train_epochs:g} epoch(s))")
                           + (f", resuming from {os.path.basename(checkpoint)}" if checkpoint else ""))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     _save_trained_model(ctx, r, trainer, init_dir)
@@ -521,6 +565,9 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
         "synthetic_rows_untrained": len(collator.synthetic_buffer), "real_top_up": int(counts["real_top_up"]),
         "real_stream_draws": int(broadcast(collator.real_stream_draws)),  # rank 0's: every rank goes on alike
         "floor": collator.min_real_fraction,
+        "input_tokens_trained": budget.counts["input_tokens"],
+        "supervised_tokens_trained": budget.counts["supervised_tokens"],
+        "tokens_per_round": m.tokens_per_round,
         "guard_cost_share": guard.cost_share() if guard is not None else None,
         "unit": m.unit, "epochs": float(trainer.args.num_train_epochs),
     }
@@ -534,14 +581,6 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
 def _final_step(ctx: RunContext, r: int) -> int:
     finals = [e for e in ctx.history.finals() if e["round"] == r]
     return finals[-1]["step"] if finals else 0
-
-
-def _strip_verdict(entry: dict[str, Any] | None) -> dict[str, Any] | None:
-    if entry is None:
-        return None
-    return {k: v for k, v in entry.items() if k not in ("level", "reasons", "evidence", "stopped", "final",
-                                                          "floor", "floor_reason", "floor_healthy")
-            and not k.startswith("mixing/") and not k.endswith("_ratio")}
 
 
 def _save_trained_model(ctx: RunContext, r: int, trainer, init_dir: Path) -> None:
@@ -608,8 +647,16 @@ def evaluate_step(ctx: RunContext, r: int) -> dict[str, Any]:
         model = model or load_model(ctx.model_dir(r), c.model.dtype)
         e = c.evaluation
         for name, texts in ctx.extra_heldout.items():
-            entry[f"heldout_ppl@{name}"] = HeldoutPerplexity(texts, ctx.tokenizer, e.context_length, e.stride,
-                                                             e.max_batch_tokens).compute(model).perplexity
+            result = HeldoutPerplexity(texts, ctx.tokenizer, e.context_length, e.stride,
+                                       e.max_batch_tokens).compute(model)
+            entry[f"heldout_ppl@{name}"] = result.perplexity
+            # per document, for paired intervals between rounds and arms (eval.json: the history stays lean)
+            extra[f"heldout_doc_nll@{name}"] = result.document_nll
+            extra[f"heldout_doc_tokens@{name}"] = result.document_tokens
+    if c.generation.method == "task":
+        model = model or load_model(ctx.model_dir(r), c.model.dtype)
+        ctx.progress.phase(r, "scoring the task's held-out problems (greedy answers)")
+        entry.update(_task_scores(ctx, model))
     if extras_wanted and entry.get("generations"):
         ctx.progress.phase(r, "scoring generations and generated data with round 0's model")
         reference = ctx.reference_model()
@@ -643,6 +690,33 @@ def evaluate_step(ctx: RunContext, r: int) -> dict[str, Any]:
     return entry
 
 
+def _task_scores(ctx: RunContext, model) -> dict[str, Any]:
+    """Task accuracy on the decision problems (`task_accuracy`, read by the verdict) and on the report
+    problems (`task_accuracy@report`, only reported), each with its Wilson interval and per-problem outcomes
+    (for paired changes between rounds)."""
+    from collapse_guard.generation.backends import ModelDivergedError
+    from collapse_guard.task import TaskEvaluator
+
+    settings = ctx.config.generation.settings
+    if "task" not in ctx.cache:
+        decision, report = settings.heldout_sets()
+        ctx.cache["task"] = [(suffix, TaskEvaluator(p["prompt"], p["answer"], ctx.tokenizer,
+                                                    max_new_tokens=settings.max_new_tokens,
+                                                    batch_size=settings.batch_size))
+                             for suffix, p in (("", decision), ("@report", report)) if p is not None]
+    scores: dict[str, Any] = {}
+    for suffix, evaluator in ctx.cache["task"]:
+        try:
+            score = evaluator.score(model)
+        except ModelDivergedError:  # the held-out perplexity already carries the divergence and its alarm
+            scores[f"task_accuracy{suffix}"] = None
+            continue
+        scores.update({f"task_accuracy{suffix}": score.accuracy, f"task_accuracy_low{suffix}": score.low,
+                       f"task_accuracy_high{suffix}": score.high,
+                       f"task_correct{suffix}": [int(x) for x in score.correct]})
+    return scores
+
+
 def detect_step(ctx: RunContext, r: int, entry: dict[str, Any]):
     """The round's verdict: its closing measurement against the baseline and earlier rounds' closings."""
     from collapse_guard.detector import CollapseDetector
@@ -650,9 +724,7 @@ def detect_step(ctx: RunContext, r: int, entry: dict[str, Any]):
     ctx.history.add(entry)
     finals = [e for e in ctx.history.finals() if e["round"] <= r]
     verdict = CollapseDetector(ctx.config.detector).check(finals)
-    entry.update(level=verdict.level, reasons=list(verdict.reasons),
-                 evidence=verdict.to_dict().get("evidence", {}))
-    entry.update({k: v for k, v in verdict.signals.items() if k.endswith("_ratio")})
+    write_verdict(entry, verdict)
     if is_main():
         atomic_write_json(ctx.round_dir(r) / "verdict.json", verdict.to_dict())
         ctx.history.save()
@@ -670,6 +742,7 @@ def verdict_line(verdict, entry: dict[str, Any], r: int) -> str:
     others = len(verdict.reasons) - len(deciding)
     return (f"verdict {word}: held-out ppl {entry['heldout_ppl']:.2f}"
             + (f" (x{ratio:.3f} of round 0)" if ratio is not None and r else "")
+            + (f", task accuracy {entry['task_accuracy']:.0%}" if finite(entry.get("task_accuracy")) else "")
             + "".join(f"; {reason}" for reason in deciding)
             + (f" (and {others} warning{'s' if others > 1 else ''}: see verdict.json)" if others else ""))
 

@@ -134,8 +134,9 @@ class Probe:
             from collapse_guard.metrics.perplexity import HeldoutPerplexity
 
             c = self.config
+            # signals=True: the early-warning signals come from the same pass (observe-only, not judged)
             self._evaluator = HeldoutPerplexity(self.heldout_texts, self.tokenizer, c.context_length,
-                                                c.stride, c.max_batch_tokens)
+                                                c.stride, c.max_batch_tokens, signals=True)
         return self._evaluator
 
     def prompt_ids(self) -> list[list[int]]:
@@ -209,6 +210,7 @@ class Probe:
             if doc_nll is not None:
                 signals["heldout_doc_nll"] = [float(x) for x in doc_nll]
                 signals["heldout_doc_tokens"] = [int(x) for x in result.document_tokens]
+            signals.update(getattr(result, "signals", None) or {})  # heldout_entropy, ... (NaN if diverged)
             forward_tokens = result.n_tokens
             split = {"perplexity_seconds": time.perf_counter() - start}
             diverged = getattr(result, "diverged", None)

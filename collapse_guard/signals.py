@@ -28,8 +28,8 @@ LEVELS = ("ok", "warn", "alarm")
 LOG_PREFIX = "collapse/"
 
 Direction = Literal["up", "down"]
-Panel = Literal["perplexity", "diversity", "loss", "mixing", "policy"]
-Rule = Literal["perplexity", "diversity", "self_bleu", "share"]
+Panel = Literal["perplexity", "early", "diversity", "loss", "mixing", "policy", "task"]
+Rule = Literal["perplexity", "diversity", "self_bleu", "share", "task"]
 
 
 def is_number(value: Any) -> bool:
@@ -50,7 +50,8 @@ class Signal:
         label: how people read it (report, plots, log lines).
         direction: which way it moves under collapse ("up": perplexity, self-BLEU; "down": diversity); None
             for quantities that describe the run rather than judge the model.
-        panel: the plot panel it is drawn in.
+        panel: the plot panel it is drawn in ("early": the observe-only early-warning signals of the
+            held-out forward).
         rule: the default `CollapseDetector` rule that judges it ("perplexity", "diversity", "self_bleu",
             "share"), None if no default rule does.
         nonfinite_alarm: a NaN or infinite value is an alarm by default (a diverged model).
@@ -76,6 +77,17 @@ class Signal:
 _ALL = (
     Signal("heldout_ppl", "held-out ppl", "up", "perplexity", "perplexity", nonfinite_alarm=True,
            headline=True, log_ratio=True),
+    # Observe-only early-warning signals from the held-out perplexity forward (`HeldoutPerplexity(...,
+    # signals=True)`): logged and kept in the history, judged by no default rule until thresholds are set
+    # from the noise of healthy runs (issue 21; benchmarks/early_warning.py measures their lead over held-out
+    # perplexity).
+    Signal("heldout_entropy", "held-out predictive entropy", "down", "early", headline=True),
+    Signal("heldout_top1_mass", "held-out top-1 mass", "up", "early", headline=True),
+    Signal("heldout_tail_nll", "held-out tail NLL", "up", "early", headline=True),
+    Signal("heldout_worst_decile_nll", "held-out worst-decile NLL", "up", "early", headline=True),
+    Signal("heldout_low_prob_share", "held-out p<1e-4 share", "up", "early", headline=True),
+    # What self-training is for: accuracy on a verifiable task's held-out problems (a fall is a warning).
+    Signal("task_accuracy", "task accuracy", "down", "task", "task", headline=True),
     Signal("train_loss", "train loss", "up", "loss", nonfinite_alarm=True),
     Signal("eval_loss", "eval loss", "up", "loss", nonfinite_alarm=True),
     Signal("distinct_1", "distinct-1", "down", "diversity", "diversity"),

@@ -81,7 +81,7 @@ def arithmetic_problems(n: int, seed: int = 0, split: Literal["train", "heldout"
         raise ValueError(f"need integers 0 <= low <= high, got low={low!r}, high={high!r}.")
     space = (high - low + 1) ** 2 * len(set(operations))
     share = _HELDOUT_SHARE if split == "heldout" else 1.0 - _HELDOUT_SHARE
-    if n > 0.5 * share * space:
+    if n > 0.75 * share * space:  # rejection sampling slows down as the side runs out
         raise ValueError(f"asked for {n} {split} problems but operands {low}..{high} with {list(operations)} "
                          f"give about {int(share * space)}: widen the operand range.")
     rng = random.Random(f"{seed}:{split}")
@@ -128,7 +128,9 @@ def accuracy_interval(correct: Sequence[bool], confidence: float = 0.95) -> Task
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return TaskScore(p, max(0.0, centre - half), min(1.0, centre + half), n, confidence, items)
+    # clamped to contain p: at 0 or n successes the formula's bound equals p up to rounding (2.8e-17 at p=0)
+    low, high = min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
+    return TaskScore(p, low, high, n, confidence, items)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ verdicts are printed: the policy's, and the held-out guard's (human-text perplex
 
 import argparse
 import random
+import warnings
 import zlib
 
 import torch
 from datasets import Dataset
+from transformers import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from collapse_guard import CollapseGuardCallback
@@ -31,6 +33,12 @@ def letter_e(completions, **kwargs):  # hackable: repeating one token full of e'
 
 def noise(completions, **kwargs):  # crc32, not hash(): the same reward in every process
     return [random.Random(zlib.crc32(c.encode())).random() for c in completions]
+
+
+# GRPOTrainer itself (TRL 1.16) toggles checkpointing around generation through the old names, which
+# transformers 5 deprecates; nothing this script passes causes it.
+warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
+                        category=FutureWarning)
 
 
 def main(argv=None):
@@ -46,10 +54,13 @@ def main(argv=None):
     config = GRPOConfig(output_dir=args.output_dir, per_device_train_batch_size=16, num_generations=8,
                         max_completion_length=12, learning_rate=1.5e-2, lr_scheduler_type="constant",
                         max_steps=args.max_steps, logging_steps=1, report_to=[], beta=0.0, save_strategy="no",
-                        use_cpu=not torch.cuda.is_available(), bf16=False)
+                        use_cpu=not torch.cuda.is_available(), bf16=False,
+                        activation_checkpointing=True)  # TRL's default, under transformers' new name
     trainer = GRPOTrainer(model=tiny_causal_lm(tokenizer),
                           reward_funcs={"letter_e": letter_e, "noise": noise}[args.reward], args=config,
                           train_dataset=prompts, processing_class=tokenizer)
+    for printer in (ProgressCallback, PrinterCallback):  # the bar or, without it, raw log dicts
+        trainer.remove_callback(printer)
     guard = CollapseGuardCallback(human_like_sentences(16, seed=99)).attach(trainer)
     trainer.train()
     print(f"trained {trainer.state.global_step} of {args.max_steps} steps")

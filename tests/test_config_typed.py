@@ -62,7 +62,7 @@ def _nest(key: str, value: object) -> dict:
 
 def _walk(cls: type, prefix: str = "") -> set[str]:
     """Every init field of the recipe's dataclasses, sections walked into (what a recipe may set)."""
-    from collapse_guard.config import GenerationConfig
+    from collapse_guard.config import GENERATION_METHODS, GenerationConfig
 
     keys = set()
     for f in dataclasses.fields(cls):
@@ -76,7 +76,7 @@ def _walk(cls: type, prefix: str = "") -> set[str]:
         if section is not None:
             keys |= _walk(section, f"{prefix}{f.name}.")
         if section is GenerationConfig:
-            for method in ("continuation", "magpie"):
+            for method in GENERATION_METHODS:
                 keys |= _walk(GenerationConfig.settings_class(method), f"{prefix}{f.name}.")
     return keys
 
@@ -107,6 +107,8 @@ def test_every_listed_key_is_accepted_with_its_listed_default():
         if context == "magpie":
             data = {**data, "data": {"real": "tiny:chat"}}
             data["generation"]["method"] = "magpie"
+        if context == "task":
+            data["generation"]["method"] = "task"
         try:
             config_from_dict(data)
         except ConfigError as err:  # pragma: no cover - the assertion message is the point

@@ -415,6 +415,7 @@ def generate_texts(
     special tokens; pass `prompt_ids` instead to skip tokenization.
     """
     from tqdm.auto import tqdm
+    from transformers.utils.logging import is_progress_bar_enabled
 
     tokenizer = backend.tokenizer
     if prompt_ids is None:
@@ -430,7 +431,8 @@ def generate_texts(
     mine_batches = range(rank, len(batches), world)
     nonfinite_before = getattr(backend, "nonfinite_prompts", 0)
     with tqdm(total=len(mine_batches), desc=stage or "generate",
-              disable=not show_progress or rank != 0) as bar:
+              # transformers' switch: the CLI turns it off without -v, with the libraries' bars
+              disable=not (show_progress and rank == 0 and is_progress_bar_enabled())) as bar:
         for b in mine_batches:
             rows = batches[b]
             outs = backend.generate_batch(

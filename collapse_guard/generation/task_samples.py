@@ -25,10 +25,83 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from collapse_guard.generation.backends import Decoding, generate_texts, make_backend
 from collapse_guard.provenance import SYNTHETIC, make_provenance
+
+
+@dataclass
+class TaskConfig:
+    """`generation:` with `method: task`: the verifiable task of an expert-iteration loop (STaR, ReST-EM), how
+    the model samples its answers, and the task's two held-out sets.
+
+    A round samples `samples_per_problem` answers to each of `n_samples x pool_factor / samples_per_problem`
+    fresh training problems; the recipe's verifier selector keeps the correct ones. The held-out problems are
+    never trained on (the split is a property of each problem's text): the `decision_problems` are what the
+    loop's verdict (the task-regression rule) reads, the `report_problems` are only reported, so what steers
+    the run is not what its results are judged on.
+    """
+
+    task: Literal["arithmetic"] = field(default="arithmetic", metadata={
+        "help": "'arithmetic': 'What is a + b? Answer with the number.' (free oracle, no download)."})
+    operations: list[str] = field(default_factory=lambda: ["+"], metadata={
+        "help": "Any of '+', '-', '*'."})
+    low: int = field(default=1, metadata={"help": "Smallest operand."})
+    high: int = field(default=40, metadata={
+        "help": "Largest operand. Addition up to 30-40: SmolLM2-135M-Instruct answers ~1 in 3 greedily and "
+                "~1 in 7 sampled: well below its ceiling, and right often enough to learn from."})
+    samples_per_problem: int = field(default=4, metadata={
+        "help": "Answers sampled per training problem (k)."})
+    max_new_tokens: int = field(default=16, metadata={
+        "help": "Answer length budget (sampling and the held-out scoring); 'a + b = c' needs ~10."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature (STaR/ReST: 0.7-1.0)."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus top_p of the sampling."})
+    batch_size: int = field(default=32, metadata={"help": "Prompts per generate call."})
+    decision_problems: int = field(default=60, metadata={
+        "help": "Held-out problems the verdict reads every round (greedy answers)."})
+    report_problems: int = field(default=160, metadata={
+        "help": "Further held-out problems, only reported (task_accuracy@report); 0: none."})
+    show_progress: bool = field(default=False, metadata={"help": "Progress lines while sampling."})
+
+    def __post_init__(self) -> None:
+        from collapse_guard.config import _fail
+
+        self.operations = list(self.operations)
+        bad = [op for op in self.operations if op not in ("+", "-", "*")]
+        if bad or not self.operations:
+            _fail("generation.operations", self.operations, "use a non-empty list of '+', '-', '*'.")
+        for key in ("samples_per_problem", "max_new_tokens", "batch_size", "decision_problems"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(f"generation.{key}", value, "use an int >= 1.")
+        if isinstance(self.report_problems, bool) or not isinstance(self.report_problems, int) \
+                or self.report_problems < 0:
+            _fail("generation.report_problems", self.report_problems, "use an int >= 0.")
+        if not (isinstance(self.low, int) and isinstance(self.high, int) and 0 <= self.low <= self.high):
+            _fail("generation.low/high", (self.low, self.high), "use integers 0 <= low <= high.")
+        if not (0.0 < self.temperature <= 5.0) or not (0.0 < self.top_p <= 1.0):
+            _fail("generation.temperature/top_p", (self.temperature, self.top_p),
+                  "task answers are sampled: use 0 < temperature <= 5 and 0 < top_p <= 1.")
+
+    def training_problems(self, n: int, seed: int):
+        """`n` training problems, a fresh draw for each seed (the loop passes seed and round)."""
+        from collapse_guard.task import arithmetic_problems
+
+        return arithmetic_problems(n, seed=seed, split="train", low=self.low, high=self.high,
+                                   operations=self.operations)
+
+    def heldout_sets(self):
+        """(decision, report) problems: one fixed draw from the held-out side, cut in two, so they never
+        share a problem with each other or with any training draw."""
+        from collapse_guard.task import arithmetic_problems
+
+        both = arithmetic_problems(self.decision_problems + self.report_problems, seed=0, split="heldout",
+                                   low=self.low, high=self.high, operations=self.operations)
+        decision = both.select(range(self.decision_problems))
+        report = both.select(range(self.decision_problems, len(both))) if self.report_problems else None
+        return decision, report
 
 
 class TaskSampler:

@@ -9,6 +9,13 @@ chunks of the scored positions only, into one reused logits buffer, so the full 
 never built. Under `torch.distributed` every rank scores a shard of the windows and the per-document sums
 are all-reduced in float64, so every rank returns the identical result.
 
+With `signals=True` the same pass also gives the early-warning signals of `SIGNAL_NAMES` (the guard's
+`Probe` turns them on): the predictive entropy and top-1 mass of every scored position, the NLL of the
+rarest held-out tokens, the worst decile of documents and the share of tokens below probability 1e-4. They
+come from the logits chunks the cross-entropy already builds (one more exp and multiply-add over each, in
+cache-sized blocks, for the entropy; the perplexity stays identical to the bit), are summed per document in
+float64 and all-reduced with the NLL sums.
+
 Example:
 
 ```python
@@ -49,6 +56,21 @@ _ACCELERATOR_FORWARD_COST_TOKENS = 1024
 # takes memory, so `max_batch_tokens` is capped there.
 _CPU_BATCH_TOKENS = 2048
 
+# The early-warning signals (`signals=True`), in the order of `PerplexityResult.signals`.
+SIGNAL_NAMES = ("heldout_entropy", "heldout_top1_mass", "heldout_tail_nll", "heldout_worst_decile_nll",
+                "heldout_low_prob_share")
+# A human token the model gives less than this probability counts toward `heldout_low_prob_share`.
+LOW_PROBABILITY = 1e-4
+# The rarest held-out tokens, ranked by their type's unigram count, that make up at least this share of the
+# held-out tokens are the "tail" of `heldout_tail_nll`.
+TAIL_SHARE = 0.10
+# `heldout_worst_decile_nll`: the NLL of this share of the scored documents, those with the highest mean NLL.
+WORST_DOCUMENT_SHARE = 0.10
+# Scratch rows of exp(logits) for the entropy (`_scores_in_place`): small enough to stay in cache.
+_SCRATCH_BYTES = 1 << 20
+# Per-document float64 sums behind the signals, after the NLL and token counts (`document_sums` keys).
+_SUM_NAMES = ("entropy", "top1_mass", "low_prob_tokens", "tail_nll", "tail_tokens")
+
 
 @dataclass
 class PerplexityResult:
@@ -72,6 +94,22 @@ class PerplexityResult:
         default=None,
         metadata={"help": "Why the perplexity is not finite, in words starting 'model diverged: ' (NaN/inf "
                           "logits, or a mean NLL too large to exponentiate); None when it is finite."},
+    )
+    signals: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "The early-warning signals (`SIGNAL_NAMES`; empty unless the evaluator was built "
+                          "with signals=True): heldout_entropy (mean predictive entropy, nats per token), "
+                          "heldout_top1_mass (mean probability of the most likely token), heldout_tail_nll "
+                          "(mean NLL of the rarest held-out tokens), heldout_worst_decile_nll (mean NLL of "
+                          "the 10% of documents with the highest NLL) and heldout_low_prob_share (share of "
+                          "tokens given probability < 1e-4). Token means are sums over all scored tokens "
+                          "divided by their count, all-reduced; NaN when nothing was scored or the model "
+                          "diverged (NaN logits)."},
+    )
+    document_sums: dict[str, list[float]] = field(
+        default_factory=dict,
+        metadata={"help": "Per-document float64 sums behind `signals`, in input order, all-reduced: entropy, "
+                          "top1_mass, low_prob_tokens, tail_nll, tail_tokens (empty without signals=True)."},
     )
 
     @property
@@ -110,6 +148,8 @@ class HeldoutPerplexity:
             tokens of context. Must be in [1, context_length].
         max_batch_tokens: most padded tokens (batch size x longest window) per forward pass; on CPU at most
             max(2048, context_length) are used, as larger batches are no faster there.
+        signals: also compute the early-warning signals (`PerplexityResult.signals`) in the same pass; costs
+            one more exp and multiply-add over each logits chunk (benchmarks/early_signals.py).
 
     Example:
 
@@ -133,6 +173,7 @@ class HeldoutPerplexity:
         max_batch_tokens: int = 16384,
         *,
         allow_empty: bool = False,
+        signals: bool = False,
     ) -> None:
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise TypeError(
@@ -157,8 +198,11 @@ class HeldoutPerplexity:
                 "raise max_batch_tokens to at least one window."
             )
         require_tokenizer(tokenizer, "HeldoutPerplexity")
+        if not isinstance(signals, bool):
+            raise TypeError(f"signals must be True or False, got {signals!r}.")
         self.context_length = context_length
         self.stride = stride
+        self.signals = signals
         self.max_batch_tokens = max_batch_tokens
         self.pad_token_id = _pad_id(tokenizer)
         encoded = tokenizer(list(texts), verbose=False)["input_ids"] if texts else []
@@ -176,6 +220,8 @@ class HeldoutPerplexity:
             raise ValueError(
                 f"all {len(texts)} documents are shorter than 2 tokens: nothing to predict; pass longer ones."
             )
+        # Fixed here, from the held-out set itself, so every measurement scores the same tail tokens.
+        self.tail_tokens = _tail_lookup(self.token_ids, TAIL_SHARE)
         self._batches: dict[tuple[int, int, str], list[_Batch]] = {}
         self._split_ok: dict[int, bool] = {}
         self._needs_mask: dict[int, bool] = {}
@@ -205,22 +251,31 @@ class HeldoutPerplexity:
         rank, world = rank_world()
         if world > 1:
             _check_same_documents(self.n_documents, _comm_device(model))
-        nll, count = self._local_sums(model, world, rank, sync_steps=world > 1 and _is_sharded(model))
+        nll, count, *extra = self._local_sums(model, world, rank, sync_steps=world > 1 and _is_sharded(model))
         if world > 1:
-            sums = all_reduce_sum(torch.cat([nll, count]).to(_comm_device(model))).cpu()
-            nll, count = sums[: self.n_documents], sums[self.n_documents :]
+            # one collective for everything: [nll, count, extra sums...], each n_documents long
+            sums = all_reduce_sum(torch.cat([nll, count, *extra]).to(_comm_device(model))).cpu()
+            nll, count, *extra = sums.split(self.n_documents)
         result = _result(nll, count, self.n_skipped)
+        if extra:
+            _add_signals(result, torch.stack(extra))
         if not result.finite and result.n_tokens:
             # Every rank holds the same all-reduced sums, so all take this branch (a collective is safe).
             result.diverged = _divergence_reason(model, result, world)
         return result
 
-    def _local_sums(self, model, world: int, rank: int, sync_steps: bool) -> tuple[torch.Tensor, ...]:
-        """Per-document (nll, scored tokens) for this rank's shard, float64 on CPU."""
+    def _local_sums(self, model, world: int, rank: int, sync_steps: bool,
+                    signals: bool | None = None) -> tuple[torch.Tensor, ...]:
+        """Per-document (nll, scored tokens, *signal sums) for this rank's shard, float64 on CPU; the signal
+        sums (`_SUM_NAMES` order) only when `signals` (default: the evaluator's setting)."""
+        signals = self.signals if signals is None else signals
         inner = unwrap_causal_lm(model)
         device = _input_device(inner)
         nll = torch.zeros(self.n_documents, dtype=torch.float64, device=_acc_device(device))
         count = torch.zeros(self.n_documents, dtype=torch.float64, device=nll.device)
+        extra = torch.zeros((len(_SUM_NAMES), self.n_documents) if signals else (0, 0), dtype=torch.float64,
+                            device=nll.device)
+        tail = self.tail_tokens.to(nll.device)
         batches = self._shard_batches(world, rank, device)
         # Sharded models (FSDP) gather parameters collectively inside forward: every rank must run the same
         # number of forwards, so ranks with fewer batches run throwaway ones.
@@ -238,16 +293,20 @@ class HeldoutPerplexity:
                     spare = batches or self._shard_batches(1, 0, device)
                     batch = batches[step] if step < len(batches) else spare[0]
                     if split:
-                        batch_nll = _score_split(inner, batch, device, logits, masked)
+                        scores = _score_split(inner, batch, device, logits, masked, signals)
                     else:
-                        batch_nll = _score_full(model, batch, device, masked)
+                        scores = _score_full(model, batch, device, masked, signals)
                     if step < len(batches):
                         doc_index = batch.doc_index.to(nll.device)
-                        nll.index_add_(0, doc_index, batch_nll.to(nll.device, torch.float64))
+                        batch_nll = scores[0].to(nll.device, torch.float64)
+                        nll.index_add_(0, doc_index, batch_nll)
                         count.index_add_(0, doc_index, torch.ones_like(doc_index, dtype=torch.float64))
+                        if signals:
+                            extra.index_add_(1, doc_index, _token_signals(scores, batch_nll,
+                                                                          tail[batch.targets.to(nll.device)]))
         finally:
             model.train(was_training)
-        return nll.cpu(), count.cpu()
+        return nll.cpu(), count.cpu(), *extra.cpu()
 
     def _shard_batches(self, world: int, rank: int, device: torch.device) -> list[_Batch]:
         key = (world, rank, device.type)
@@ -359,7 +418,8 @@ def document_perplexities(
     evaluator = HeldoutPerplexity(texts, tokenizer, context_length, None, max_batch_tokens, allow_empty=True)
     if not evaluator.windows:
         return [math.nan] * len(texts)
-    nll, count = evaluator._local_sums(model, 1, 0, sync_steps=False)  # this process only: no all-reduce
+    # this process only (no all-reduce), and no early-warning signals: the NLL is all it returns
+    nll, count = evaluator._local_sums(model, 1, 0, sync_steps=False, signals=False)
     return _result(nll, count, evaluator.n_skipped).per_document
 
 
@@ -429,8 +489,9 @@ def _logits_buffer(inner, batches: list[_Batch], device: torch.device) -> torch.
 
 
 def _score_split(
-    inner, batch: _Batch, device: torch.device, logits: torch.Tensor | None, masked: bool
-) -> torch.Tensor:
+    inner, batch: _Batch, device: torch.device, logits: torch.Tensor | None, masked: bool, signals: bool
+) -> tuple[torch.Tensor, ...]:
+    """(nll,) of each scored position, plus (entropy, top-1 probability) with `signals`."""
     decoder, head = _decoder_and_head(inner)
     hidden = decoder(**_forward_inputs(batch, device, masked))[0]
     selected = hidden[:, :-1][batch.score_mask.to(device)]  # [N, H]: only positions that predict a real token
@@ -439,23 +500,27 @@ def _score_split(
     weight = _plain_head_weight(head, device) if selected.dtype == torch.float32 else None
     if logits is None or weight is None:
         chunk = max(1, _LOGITS_CHUNK_BYTES // (4 * _vocab(head)))
-        parts = [_nll_in_place(head(selected[s : s + chunk]).float(), targets[s : s + chunk])
+        parts = [_scores_in_place(head(selected[s : s + chunk]).float(), targets[s : s + chunk], signals)
                  for s in range(0, selected.shape[0], chunk)]
-        return torch.cat(parts) if parts else torch.zeros(0, device=device)
-    nll = torch.empty(selected.shape[0], dtype=torch.float32, device=device)
+        if not parts:
+            return tuple(torch.zeros(0, device=device) for _ in range(3 if signals else 1))
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    scores = torch.empty((3 if signals else 1, selected.shape[0]), dtype=torch.float32, device=device)
     chunk = logits.shape[0]
     for s in range(0, selected.shape[0], chunk):
         rows = selected[s : s + chunk]
         out = torch.mm(rows, weight.t(), out=logits[: rows.shape[0]])
-        nll[s : s + rows.shape[0]] = _nll_in_place(out, targets[s : s + chunk])
-    return nll
+        for k, value in enumerate(_scores_in_place(out, targets[s : s + chunk], signals)):
+            scores[k, s : s + rows.shape[0]] = value
+    return tuple(scores)
 
 
-def _score_full(model, batch: _Batch, device: torch.device, masked: bool) -> torch.Tensor:
+def _score_full(model, batch: _Batch, device: torch.device, masked: bool,
+                signals: bool = False) -> tuple[torch.Tensor, ...]:
     # Fallback for sharded models and heads that post-process logits: the model builds the logits itself.
     logits = model(**_forward_inputs(batch, device, masked)).logits
     selected = logits[:, :-1][batch.score_mask.to(logits.device)].float()  # boolean indexing copies
-    return _nll_in_place(selected, batch.targets.to(logits.device))
+    return _scores_in_place(selected, batch.targets.to(logits.device), signals)
 
 
 def _forward_inputs(batch: _Batch, device: torch.device, masked: bool) -> dict:
@@ -487,10 +552,106 @@ def _nll_in_place(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return total.log_().add_(top[:, 0]).sub_(target_logit)
 
 
+def _scores_in_place(logits: torch.Tensor, targets: torch.Tensor, signals: bool) -> tuple[torch.Tensor, ...]:
+    """`_nll_in_place`, plus each row's predictive entropy and top-1 probability when `signals`.
+
+    With x' = x - max x, e = exp(x') and T = sum(e): the top-1 probability is 1 / T (the largest e is exp(0))
+    and the entropy is log T - sum(e x') / T. sum(e x') is taken first, while the buffer still holds x': the
+    exp runs into a scratch block of rows (cache-sized on CPU), multiplied by x' and summed there. Then the
+    NLL runs exactly as `_nll_in_place` (the same operations on the same buffer, so the perplexity is
+    identical to the bit with or without the signals, on any device and thread count). `xlogy(e, e)` over
+    the exponentiated buffer instead was 18x slower than the exp on CPU (not vectorised).
+    """
+    if not signals:
+        return (_nll_in_place(logits, targets),)
+    rows, vocab = logits.shape
+    top = logits.amax(1, keepdim=True)
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    shifted = logits.sub_(top)
+    dot = torch.empty(rows, dtype=logits.dtype, device=logits.device)
+    # CPU: a block that stays in cache; accelerators: one block (kernel launches cost more than memory)
+    block = max(1, _SCRATCH_BYTES // (logits.element_size() * vocab)) if logits.device.type == "cpu" else rows
+    scratch = torch.empty((min(block, rows), vocab), dtype=logits.dtype, device=logits.device)
+    for s in range(0, rows, block):
+        x = shifted[s : s + block]
+        e = torch.exp(x, out=scratch[: x.shape[0]])
+        torch.sum(e.mul_(x), 1, out=dot[s : s + x.shape[0]])
+    bad = ~torch.isfinite(dot)
+    if bool(bad.any()):
+        # e x' is 0 x -inf = NaN for a token the model rules out (a -inf logit); it contributes 0. A row of
+        # NaN logits stays NaN.
+        x = shifted[bad]
+        e = x.exp()
+        dot[bad] = torch.where(e > 0, e * x, torch.zeros_like(e)).sum(1)
+    # from here on, `_nll_in_place`'s operations, with the max already subtracted
+    total = shifted.exp_().sum(1)
+    top1 = total.reciprocal()
+    log_total = total.log_()
+    entropy = log_total - dot.mul_(top1)
+    return log_total.add_(top[:, 0]).sub_(target_logit), entropy, top1
+
+
+def _token_signals(scores: tuple[torch.Tensor, ...], nll: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+    """[len(_SUM_NAMES), N] float64 per-token terms of the signal sums, from `_scores_in_place`'s columns."""
+    entropy, top1 = (s.to(nll.device, torch.float64) for s in scores[1:])
+    tail = tail.to(torch.float64)
+    # p < LOW_PROBABILITY <=> NLL > -log(LOW_PROBABILITY); a NaN NLL compares False, the signal is made
+    # NaN from the corpus sums then (a diverged model)
+    low = (nll > -math.log(LOW_PROBABILITY)).to(torch.float64)
+    return torch.stack([entropy, top1, low, nll * tail, tail])
+
+
+def _tail_lookup(token_ids: list[list[int]], share: float) -> torch.Tensor:
+    """A boolean table over token ids: True for the rarest token types of the held-out set that together make
+    up at least `share` of its tokens (all types of the last count taken, so ties are never split)."""
+    flat = np.fromiter((t for ids in token_ids for t in ids), dtype=np.int64)
+    if flat.size == 0:
+        return torch.zeros(1, dtype=torch.bool)
+    counts = np.bincount(flat)
+    seen = np.flatnonzero(counts)
+    # occurrences of the types of each count, rarest count first
+    values, types = np.unique(counts[seen], return_counts=True)
+    covered = np.cumsum(values * types)
+    cutoff = values[min(int(np.searchsorted(covered, share * flat.size)), len(values) - 1)]
+    table = torch.zeros(len(counts), dtype=torch.bool)
+    table[torch.from_numpy(seen[counts[seen] <= cutoff])] = True
+    return table
+
+
+def _add_signals(result: PerplexityResult, sums: torch.Tensor) -> None:
+    """Fills `result.signals` / `document_sums` from the all-reduced [len(_SUM_NAMES), D] float64 sums."""
+    result.document_sums = {name: row.tolist() for name, row in zip(_SUM_NAMES, sums, strict=True)}
+    totals = dict(zip(_SUM_NAMES, sums.sum(1).tolist(), strict=True))
+    n = result.n_tokens
+
+    def mean(total: float, count: float) -> float:
+        return total / count if count else math.nan
+
+    scored = [(d, nll / c, nll, c) for d, (nll, c) in enumerate(zip(result.document_nll,
+                                                                  result.document_tokens, strict=True)) if c]
+    # Worst first; a NaN document NLL ranks as the worst (a diverged model: the value is NaN). Ties go to
+    # the earlier document, so every rank picks the same set.
+    scored.sort(key=lambda item: (-item[1] if not math.isnan(item[1]) else -math.inf, item[0]))
+    worst = scored[: math.ceil(WORST_DOCUMENT_SHARE * len(scored))]
+    result.signals = {
+        "heldout_entropy": mean(totals["entropy"], n),
+        "heldout_top1_mass": mean(totals["top1_mass"], n),
+        "heldout_tail_nll": mean(totals["tail_nll"], totals["tail_tokens"]),
+        "heldout_worst_decile_nll": mean(sum(w[2] for w in worst), sum(w[3] for w in worst)),
+        "heldout_low_prob_share": mean(totals["low_prob_tokens"], n),
+    }
+    if math.isnan(result.nll_sum):
+        # NaN logits: the comparisons behind the low-probability share read NaN as "not low"; say NaN instead
+        result.signals = dict.fromkeys(result.signals, math.nan)
+
+
 def _plain_head_weight(head, device: torch.device) -> torch.Tensor | None:
-    """The head's weight when the head is a bias-free fp32 `nn.Linear`: a matmul we may write in place."""
+    """The head's weight when the head is a bias-free fp32 `nn.Linear` without forward hooks (a hook that
+    rescales the logits would be skipped by the bare matmul): a matmul we may write in place."""
     weight = getattr(head, "weight", None)
     if type(head) is not torch.nn.Linear or head.bias is not None or not isinstance(weight, torch.Tensor):
+        return None
+    if head._forward_hooks or head._forward_pre_hooks:
         return None
     return weight if weight.dtype == torch.float32 and weight.device == device else None
 

@@ -8,8 +8,9 @@ shuffle, a long synthetic run or a packed batch cannot starve the model of human
 """
 
 from collapse_guard.mixing.attach import MixingCollatorCallback
-from collapse_guard.mixing.collator import MIN_SAFE_REAL_FRACTION, MixingCollator, validate_real_fraction
+from collapse_guard.mixing.collator import MixingCollator
 from collapse_guard.mixing.datasets import MIX_MODES, mix_datasets
+from collapse_guard.mixing.policy import MIN_SAFE_REAL_FRACTION, validate_real_fraction
 from collapse_guard.mixing.rows import RowFormat, tokenize_like_sft, tokenize_row
 
 __all__ = [

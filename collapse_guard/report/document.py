@@ -36,6 +36,10 @@ def _rounds_table(run: dict[str, Any]) -> list[list[str]]:
     d = _detector(run)
     rows = [["round", "verdict", "evidence (flagged signals)", "held-out ppl",
              "ratio to round 0 [interval, n]", "optimizer steps", "train loss"]]
+    # a self-training run's task score, beside what it may cost (only runs that measured it get the column)
+    task = any(_finite(x["metrics"].get(d.task_signal)) for x in run["rounds"])
+    if task:
+        rows[0].append("task accuracy [95% interval]")
     for x in run["rounds"]:
         flagged = flagged_evidence(x["evidence"])
         evidence = "; ".join(_evidence_phrase(s, e, d, short=True) for s, e in flagged)
@@ -49,6 +53,12 @@ def _rounds_table(run: dict[str, Any]) -> list[list[str]]:
         steps = x["steps"]["text"] if x["steps"] else ("baseline" if x["round"] == 0 else "-")
         rows.append([str(x["round"]), x["level"], evidence or "-", _fmt(x["metrics"].get(d.ppl_signal), 2),
                      ratio, steps, _fmt(x["metrics"].get("train_loss"))])
+        if task:
+            m = x["metrics"]
+            accuracy, low, high = (m.get(d.task_signal), m.get(f"{d.task_signal}_low"),
+                                   m.get(f"{d.task_signal}_high"))
+            rows[-1].append("-" if not _finite(accuracy) else f"{_share(accuracy)}" + (
+                f" [{_share(low)}, {_share(high)}]" if _finite(low) and _finite(high) else ""))
     return rows
 
 

@@ -126,6 +126,10 @@ def rule_lines(d, config: dict[str, Any]) -> list[str]:
         f"perplexity under round 0's model; human text: {LOW_PERCENTILE / 100:g}): warn > "
         f"{d.low_ppl_share_warn:g}, alarm > {d.low_ppl_share_alarm:g}",
         "not finite (" + ", ".join(f"`{s}`" for s in d.nonfinite_alarm_signals) + "): alarm",
+        *([f"task accuracy (`{d.task_signal}`, the decision problems): warn when it falls more than "
+           f"{d.task_drop_warn * 100:g} points below its best earlier round, the paired bootstrap interval "
+           "of the fall (over the same problems) below 0"]
+          if ((config or {}).get("generation") or {}).get("method") == "task" else []),
         f"confidence {conf} two-sided: a rule fires only when the whole interval is past its threshold "
         f"(one-sided {(1 + d.confidence) / 2:.1%}); with fewer than {d.min_items} documents or prompts the "
         "point estimates decide",

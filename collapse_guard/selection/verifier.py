@@ -276,12 +276,26 @@ def selection_quality(correct: Sequence[bool], kept: Sequence[bool]) -> dict[str
     }
 
 
+# The verifiers a recipe can name (`verifiers: numeric_match`), each built with its defaults.
+NAMED_VERIFIERS = {"numeric_match": numeric_match, "exact_answer_match": exact_answer_match,
+                   "math_answer_match": math_answer_match}
+
+
+def _named_verifier(name: str) -> Verifier:
+    if name not in NAMED_VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}: name one of {sorted(NAMED_VERIFIERS)} or pass a "
+                         "callable with TRL's reward-function signature.")
+    return NAMED_VERIFIERS[name]()
+
+
 class VerifierSelector(Selector):
     """Keeps samples whose weighted mean verifier score reaches `threshold` (default 1.0: all pass).
 
     Args:
         verifiers: one callable or a list, each `(completions, **kwargs) -> list[float | None]` (TRL's
-            reward-function signature; `None` = not applicable to that sample, left out of its mean).
+            reward-function signature; `None` = not applicable to that sample, left out of its mean); a
+            recipe may name a built-in one instead ("numeric_match", "exact_answer_match",
+            "math_answer_match").
         weights: one weight per verifier (default: equal).
         threshold: minimum weighted mean score to keep a sample.
         label_column: a boolean column saying whether each sample is correct (ground truth); used
@@ -293,7 +307,7 @@ class VerifierSelector(Selector):
 
     def __init__(
         self,
-        verifiers: Verifier | Sequence[Verifier],
+        verifiers: Verifier | str | Sequence[Verifier | str],
         weights: Sequence[float] | None = None,
         threshold: float = 1.0,
         label_column: str | None = "correct",
@@ -302,7 +316,8 @@ class VerifierSelector(Selector):
     ):
         kwargs.setdefault("name", "verifier")
         super().__init__(threshold=threshold, **kwargs)
-        verifiers = [verifiers] if callable(verifiers) else list(verifiers)
+        verifiers = [verifiers] if callable(verifiers) or isinstance(verifiers, str) else list(verifiers)
+        verifiers = [_named_verifier(v) if isinstance(v, str) else v for v in verifiers]
         if not verifiers or not all(callable(v) for v in verifiers):
             raise TypeError(f"verifiers must be a callable or a non-empty list of callables, got "
                             f"{verifiers!r}.")
