@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     report.set_defaults(func=cmd_report)
 
-    demo = sub.add_parser("demo", help="replace loop vs guarded loop on SmolLM2-135M-Instruct (CPU, ~10 min)")
+    demo = sub.add_parser("demo", help="replace loop vs guarded loop on SmolLM2-135M-Instruct "
+                                   "(CPU, ~6 min on 2 cores)")
     demo.add_argument("--fast", action="store_true", help="a smaller, noisier setting (a few minutes)")
     demo.add_argument("--out", default=None,
                       help="output folder (default: runs/demo, or runs/demo_fast with --fast)")
