@@ -9,7 +9,9 @@ Writes benchmarks/results/floor_equal_tokens.{json,md}. Per round and seed, from
 - held-out perplexity of the report documents (which neither the floor nor the verdicts read) and of the
   Wikipedia sample, each as a ratio to round 0 with a paired bootstrap interval over documents;
 - the head-to-head: the adaptive arm's report-set perplexity over the fixed arm's at the same round and
-  seed, paired over the same documents (below 1: the adaptive floor did better).
+  seed, paired over the same documents (below 1: the adaptive floor did better);
+- where the recipe's third arm ran (`adaptive_early`: the adaptive floor that also acts on the early-warning
+  thresholds of `FloorConfig.early_warn`), the same head-to-heads against both arms.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from self_improve import run_rows  # noqa: E402  (one reader of a run's rounds for both comparisons)
 
 ARMS = ("floor_50", "adaptive_50")
+EARLY = "adaptive_early"
 RESULTS = Path(__file__).parent / "results" / "floor_equal_tokens"
 
 
@@ -59,8 +62,19 @@ def summarise(root: Path) -> dict[str, Any]:
              "adaptive_over_fixed": head_to_head(root / "floor_50" / seed, root / "adaptive_50" / seed, r)
              if r else None}
             for r in rounds]
-    total_tokens = {arm: {seed: sum(row[arm].get("tokens_trained") or 0 for row in per_seed[seed])
-                          for seed in seeds} for arm in ARMS}
+        early = root / EARLY / seed
+        if (read_json(early / "run_state.json", default={}) or {}).get("finished"):
+            early_rows = {row["round"]: row for row in run_rows(early)}
+            for row in per_seed[seed]:
+                r = row["round"]
+                if r not in early_rows:
+                    continue
+                row[EARLY] = early_rows[r]
+                row["early_over_adaptive"] = r and head_to_head(root / "adaptive_50" / seed, early, r) or None
+                row["early_over_fixed"] = r and head_to_head(root / "floor_50" / seed, early, r) or None
+    arms = [*ARMS, *([EARLY] if any(EARLY in row for rows in per_seed.values() for row in rows) else [])]
+    total_tokens = {arm: {seed: sum((row.get(arm) or {}).get("tokens_trained") or 0 for row in per_seed[seed])
+                          for seed in seeds if any(arm in row for row in per_seed[seed])} for arm in arms}
     return {"seeds": seeds, "per_seed": per_seed, "total_tokens": total_tokens}
 
 
@@ -105,6 +119,30 @@ def markdown(summary: dict[str, Any], command: str) -> str:
         lines.append(f"Last round, adaptive / floor_50 on the report documents: mean x"
                      f"{statistics.fmean(c['ratio'] for c in last):.3f}; per seed "
                      + ", ".join(_cell(c) for c in last) + ".")
+    early = [(seed, row) for seed, rows in summary["per_seed"].items() for row in rows if EARLY in row]
+    if early:
+        lines += ["", "## The adaptive floor acting on early warnings too (`adaptive_early`)", "",
+                  "The same adaptive floor, which also raises the floor when an early-warning signal "
+                  "crosses its threshold (`guard.floor.early_warn`, set in the recipe from other runs' "
+                  "healthy noise) while the verdict is ok.", "",
+                  "| seed | round | tokens (real share) | floor | ppl@report | early / adaptive ppl@report "
+                  "| early / floor_50 ppl@report | ppl@wiki | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for seed, row in early:
+            if not row["round"]:
+                continue
+            e = row[EARLY]
+            cells = [seed, row["round"], _tokens(e), e.get("floor"), _cell(e.get("ppl_report")),
+                     _cell(row.get("early_over_adaptive")), _cell(row.get("early_over_fixed")),
+                     f"{(e.get('ppl_wiki') or {}).get('ratio', float('nan')):.3f}", e.get("level")]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        for key, other in (("early_over_adaptive", "adaptive_50"), ("early_over_fixed", "floor_50")):
+            ends = [rows[-1].get(key) for rows in summary["per_seed"].values() if rows]
+            ends = [c for c in ends if c]
+            if ends:
+                lines.append(f"\nLast round, adaptive_early / {other} on the report documents: mean x"
+                             f"{statistics.fmean(c['ratio'] for c in ends):.3f}; per seed "
+                             + ", ".join(_cell(c) for c in ends) + ".")
     return "\n".join(lines) + "\n"
 
 

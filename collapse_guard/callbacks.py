@@ -235,7 +235,7 @@ class CollapseGuardCallback(TrainerCallback):
         self.last_verdict = verdict
         write_verdict(entry, verdict)
         if self.floor is not None and update_floor:
-            reason = self.floor.decide(entry, verdict.level)
+            reason = self.floor.decide(entry, verdict.level, self.history.baseline)
             if is_main():
                 logger.info("collapse guard, round %d step %d: %s", entry["round"], entry["step"], reason)
         if verdict.level != "ok" and is_main():

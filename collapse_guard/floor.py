@@ -9,6 +9,12 @@ Policy (every step documented in `FloorConfig`):
   `floor = max(minimum, floor x step_down)`;
 - otherwise hold.
 
+With `early_warn` (signal -> threshold), an **ok** verdict whose early-warning signal has moved past its
+threshold from the baseline, in the direction collapse moves it, raises the floor as a warn does. The verdict
+stays ok (these signals are not judged: they also move when a healthy run improves less), so only the
+floor hears them. Take the thresholds from healthy runs' noise (`benchmarks/early_warning.py`), not from
+the runs you evaluate.
+
 The floor never leaves [minimum, maximum]. Every decision is a pure function of the verdict sequence,
 so every rank (which holds the same all-reduced verdicts) applies the same floor at the same step, and
 the state (value, healthy streak) is stored in each history entry, so a resumed run continues it.
@@ -29,6 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from collapse_guard.signals import SIGNALS, finite
+
 
 @dataclass
 class FloorConfig:
@@ -48,6 +56,11 @@ class FloorConfig:
     recheck_before_stop: bool = field(default=True, metadata={
         "help": "On an alarm, raise to maximum and re-measure once before stopping (if the guard stops at "
                 "all)."})
+    early_warn: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "Early-warning thresholds only the floor acts on: signal -> deviation from the baseline in "
+                "the direction collapse moves it (e.g. {heldout_tail_nll: 0.2}: the tail NLL rose 0.2 nats). "
+                "An ok verdict past one raises the floor as a warn does; the verdict stays ok. Set them from "
+                "healthy runs (benchmarks/early_warning.py --threshold-seeds), not from the runs you judge."})
 
     def __post_init__(self) -> None:
         for name in ("minimum", "maximum", "min_step"):
@@ -64,6 +77,33 @@ class FloorConfig:
         if (isinstance(self.decay_after, bool) or not isinstance(self.decay_after, int)
                 or self.decay_after < 1):
             raise ValueError(f"FloorConfig.decay_after must be a positive int, got {self.decay_after!r}.")
+        if not isinstance(self.early_warn, dict):
+            raise ValueError(f"FloorConfig.early_warn must map signal names to thresholds, got "
+                             f"{self.early_warn!r}; e.g. {{'heldout_tail_nll': 0.2}}.")
+        for name, threshold in self.early_warn.items():
+            if name not in SIGNALS or SIGNALS[name].direction is None:
+                judged = sorted(n for n, s in SIGNALS.items() if s.direction is not None)
+                raise ValueError(f"FloorConfig.early_warn: {name!r} is not a signal with a collapse "
+                                 f"direction; use one of {', '.join(judged)}.")
+            if not finite(threshold):
+                raise ValueError(f"FloorConfig.early_warn[{name!r}] must be a finite number, got "
+                                 f"{threshold!r}.")
+        self.early_warn = {k: float(v) for k, v in self.early_warn.items()}
+
+    def early_crossing(self, entry: dict[str, Any], baseline: dict[str, Any] | None) -> str | None:
+        """The first `early_warn` signal in `entry` past its threshold from `baseline`, described; None if
+        none (or no baseline: the first measurement is the baseline)."""
+        if not baseline or baseline is entry:
+            return None
+        for name, threshold in self.early_warn.items():
+            value, base = entry.get(name), baseline.get(name)
+            if not (finite(value) and finite(base)):
+                continue
+            moved = value - base if SIGNALS[name].direction == "up" else base - value
+            if moved > threshold:
+                return (f"{SIGNALS[name].label} moved {moved:+.4g} from the baseline (early warning at "
+                        f"{threshold:g})")
+        return None
 
 
 class FloorController:
@@ -133,11 +173,15 @@ class AdaptiveFloor:
         if not resumed:
             self._apply(self.controller.value)
 
-    def decide(self, entry: dict[str, Any], level: str) -> str:
+    def decide(self, entry: dict[str, Any], level: str, baseline: dict[str, Any] | None = None) -> str:
         """Moves the floor for a verdict of `level` and records the decision in `entry`. Every rank holds
-        the same verdicts, so every rank sets the same floor at the same step."""
+        the same verdicts and entries, so every rank sets the same floor at the same step. An ok verdict
+        whose early-warning signal crossed (`FloorConfig.early_warn`, against `baseline`) counts as a warn."""
         self.controller.value = float(self.collator.min_real_fraction)
-        value, reason = self.controller.update(level)
+        early = self.config.early_crossing(entry, baseline) if level == "ok" else None
+        value, reason = self.controller.update("warn" if early else level)
+        if early:
+            reason = f"{reason} ({early}; the verdict stays ok)"
         self._apply(value)
         entry.update(floor_reason=reason, **self.controller.state())
         return reason

@@ -38,7 +38,13 @@ def test_policy_steps_and_bounds():
 @pytest.mark.parametrize(("kwargs", "message"), [({"minimum": 0.9, "maximum": 0.5}, "must be <= maximum"),
                                                  ({"step_up": 0.9}, "step_up must be > 1"),
                                                  ({"start": 0.95}, "must lie in"),
-                                                 ({"decay_after": 0}, "decay_after")])
+                                                 ({"decay_after": 0}, "decay_after"),
+                                                 ({"early_warn": {"heldout_tail": 0.2}}, "heldout_tail_nll"),
+                                                 ({"early_warn": {"high_ppl_share": 0.2}},
+                                                  "collapse direction"),
+                                                 ({"early_warn": {"heldout_tail_nll": float("nan")}},
+                                                  "finite number"),
+                                                 ({"early_warn": ["heldout_tail_nll"]}, "must map")])
 def test_bad_floor_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FloorConfig(**kwargs)
@@ -52,7 +58,19 @@ def scripted(levels):
     return check
 
 
-def run(tmp_path, tokenizer, monkeypatch, levels, max_steps=12, resume=None, save=False):
+def test_early_crossing_reads_each_signal_in_its_collapse_direction():
+    config = FloorConfig(early_warn={"heldout_tail_nll": 0.2, "heldout_entropy": 0.1})
+    baseline = {"heldout_tail_nll": 5.0, "heldout_entropy": 3.0}
+    assert config.early_crossing({"heldout_tail_nll": 5.15, "heldout_entropy": 2.95}, baseline) is None
+    up = config.early_crossing({"heldout_tail_nll": 5.3, "heldout_entropy": 3.0}, baseline)
+    assert up.startswith("held-out tail NLL moved +0.3")
+    assert config.early_crossing({"heldout_tail_nll": 4.0, "heldout_entropy": 2.8}, baseline) \
+        .startswith("held-out predictive entropy moved +0.2")  # entropy falls under collapse
+    assert config.early_crossing({"heldout_tail_nll": float("nan")}, baseline) is None
+    assert config.early_crossing(baseline, baseline) is None and config.early_crossing(baseline, None) is None
+
+
+def run(tmp_path, tokenizer, monkeypatch, levels, max_steps=12, resume=None, save=False, floor=None):
     from trl import SFTConfig, SFTTrainer
 
     monkeypatch.setattr(CollapseDetector, "check", scripted(list(levels)))
@@ -69,7 +87,8 @@ def run(tmp_path, tokenizer, monkeypatch, levels, max_steps=12, resume=None, sav
                                   probe=ProbeConfig(context_length=32),
                                   config=GuardConfig(eval_steps=2, cost_budget=None,
                                                      stop_training_on_alarm=True),
-                                  floor=FloorConfig(minimum=0.1, maximum=0.9, decay_after=2)).attach(trainer)
+                                  floor=floor or FloorConfig(minimum=0.1, maximum=0.9, decay_after=2)
+                                  ).attach(trainer)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, guard, collator
 
@@ -85,6 +104,24 @@ def test_floor_rises_on_warn_falls_after_recovery_and_is_logged(tmp_path, tokeni
     logged = [log["collapse/floor"] for log in trainer.state.log_history if "collapse/floor" in log]
     assert 0.225 in logged
     assert collator.min_real_fraction == floors[-1][1]
+
+
+def test_an_early_signal_raises_the_floor_and_leaves_the_verdict_ok(tmp_path, tokenizer, monkeypatch):
+    # every verdict is ok; the tail NLL threshold is crossed by any measurement (-100 nats) or by none (+100)
+    crossing = FloorConfig(minimum=0.1, maximum=0.9, decay_after=2, early_warn={"heldout_tail_nll": -100.0})
+    trainer, guard, collator = run(tmp_path / "crossed", tokenizer, monkeypatch, [], max_steps=6,
+                                   floor=crossing)
+    entries = guard.history.entries
+    assert all(e["level"] == "ok" for e in entries) and all("heldout_tail_nll" in e for e in entries)
+    assert [e["floor"] for e in entries] == [0.1, 0.15, 0.225, 0.3375]  # the baseline is not compared
+    reason = entries[1]["floor_reason"]
+    assert reason.startswith("warn: floor 0.10 -> 0.15 (held-out tail NLL moved")
+    assert reason.endswith("the verdict stays ok)")
+    assert collator.min_real_fraction == 0.3375
+    quiet = FloorConfig(minimum=0.1, maximum=0.9, start=0.5, decay_after=2,
+                        early_warn={"heldout_tail_nll": 100.0})
+    trainer, guard, collator = run(tmp_path / "quiet", tokenizer, monkeypatch, [], max_steps=6, floor=quiet)
+    assert [e["floor"] for e in guard.history.entries] == [0.5, 0.4, 0.4, 0.32]
 
 
 def test_alarm_raises_to_the_maximum_and_rechecks_before_stopping(tmp_path, tokenizer, monkeypatch):
