@@ -47,7 +47,9 @@ from typing import Any
 
 from collapse_guard.detector import DetectorConfig
 from collapse_guard.history import FILENAME, History
+from collapse_guard.io import read_json
 from collapse_guard.signals import SIGNALS, finite, names
+from collapse_guard.signals import moved_toward_collapse as deviation
 
 RESULTS = Path(__file__).parent / "results" / "early_warning"
 # The generation signals the detector judges, compared with the early-warning ones.
@@ -100,7 +102,7 @@ def trained_so_far(run: Path, entries: list[dict[str, Any]]) -> list[tuple[int, 
         r = entry.get("round")
         if isinstance(r, int) and r not in rounds:
             path = run / f"round_{r}" / "train.json"
-            rounds[r] = json.loads(path.read_text()) if path.is_file() else {}
+            rounds[r] = read_json(path, default=None) or {}
     out: list[tuple[int, int | None]] = []
     for entry in entries:
         r, step = entry.get("round") or 0, entry.get("step") or 0
@@ -117,13 +119,6 @@ def trained_so_far(run: Path, entries: list[dict[str, Any]]) -> list[tuple[int, 
             tokens += round(this["input_tokens_trained"] * share)
         out.append((steps, tokens))
     return out
-
-
-def deviation(entry: dict[str, Any], baseline: dict[str, Any], signal: str) -> float | None:
-    value, base = entry.get(signal), baseline.get(signal)
-    if not (finite(value) and finite(base)):
-        return None
-    return value - base if SIGNALS[signal].direction == "up" else base - value
 
 
 def ppl_first_warn(entries: list[dict[str, Any]]) -> int | None:

@@ -32,10 +32,14 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from collapse_guard.signals import SIGNALS, finite
+from collapse_guard.distributed import is_main
+from collapse_guard.signals import SIGNALS, finite, moved_toward_collapse
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,11 +100,8 @@ class FloorConfig:
         if not baseline or baseline is entry:
             return None
         for name, threshold in self.early_warn.items():
-            value, base = entry.get(name), baseline.get(name)
-            if not (finite(value) and finite(base)):
-                continue
-            moved = value - base if SIGNALS[name].direction == "up" else base - value
-            if moved > threshold:
+            moved = moved_toward_collapse(entry, baseline, name)
+            if moved is not None and moved > threshold:
                 return (f"{SIGNALS[name].label} moved {moved:+.4g} from the baseline (early warning at "
                         f"{threshold:g})")
         return None
@@ -160,6 +161,7 @@ class AdaptiveFloor:
         self.controller = FloorController(config)
         self.collator = collator
         self.recheck_at: int | None = None
+        self._unheard: set[str] = set()  # early_warn signals already reported missing from the baseline
 
     @property
     def config(self) -> FloorConfig:
@@ -178,6 +180,8 @@ class AdaptiveFloor:
         the same verdicts and entries, so every rank sets the same floor at the same step. An ok verdict
         whose early-warning signal crossed (`FloorConfig.early_warn`, against `baseline`) counts as a warn."""
         self.controller.value = float(self.collator.min_real_fraction)
+        if baseline is not None and baseline is not entry:
+            self._report_unheard(baseline)
         early = self.config.early_crossing(entry, baseline) if level == "ok" else None
         value, reason = self.controller.update("warn" if early else level)
         if early:
@@ -195,6 +199,16 @@ class AdaptiveFloor:
         if not alarm:
             self.recheck_at = None
         return False
+
+    def _report_unheard(self, baseline: dict[str, Any]) -> None:
+        # A threshold on a signal the baseline lacks can never fire: say so once instead of staying silent.
+        missing = [n for n in self.config.early_warn
+                   if not finite(baseline.get(n)) and n not in self._unheard]
+        if missing and is_main():
+            logger.warning("adaptive floor: early_warn on %s will never act: the baseline measurement has no "
+                           "finite value for it (generation signals need the guard's prompt set).",
+                           ", ".join(missing))
+        self._unheard.update(missing)
 
     def _apply(self, value: float) -> None:
         if hasattr(self.collator, "set_floor"):  # the collator's validating setter

@@ -119,6 +119,17 @@ def names(panel: Panel | None = None, direction: Direction | None = None, rule: 
                  and (nonfinite_alarm is None or s.nonfinite_alarm == nonfinite_alarm))
 
 
+def moved_toward_collapse(entry: dict[str, Any], baseline: dict[str, Any], name: str) -> float | None:
+    """How far signal `name` moved from `baseline` to `entry` in the direction collapse moves it (value -
+    baseline for "up" signals, baseline - value for "down" ones); None when either value is missing or not
+    finite, or the signal has no direction."""
+    value, base = entry.get(name), baseline.get(name)
+    direction = SIGNALS[name].direction if name in SIGNALS else None
+    if direction is None or not (finite(value) and finite(base)):
+        return None
+    return value - base if direction == "up" else base - value
+
+
 def logged_names() -> tuple[str, ...]:
     """What the guard logs at every measurement: the headline signals, and the ratios marked as headlines."""
     out: list[str] = []

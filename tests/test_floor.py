@@ -70,6 +70,22 @@ def test_early_crossing_reads_each_signal_in_its_collapse_direction():
     assert config.early_crossing(baseline, baseline) is None and config.early_crossing(baseline, None) is None
 
 
+def test_a_threshold_the_baseline_cannot_serve_is_reported_once(caplog):
+    from types import SimpleNamespace
+
+    from collapse_guard.floor import AdaptiveFloor
+
+    collator = SimpleNamespace(min_real_fraction=0.5, allow_low_real_fraction=True)
+    floor = AdaptiveFloor(FloorConfig(early_warn={"self_bleu4": 0.03, "heldout_tail_nll": 0.2}), collator)
+    baseline = {"heldout_ppl": 40.0, "heldout_tail_nll": 6.0}  # measured without generations
+    with caplog.at_level("WARNING", logger="collapse_guard.floor"):
+        floor.decide({"heldout_ppl": 41.0, "heldout_tail_nll": 6.1}, "ok", baseline)
+        floor.decide({"heldout_ppl": 41.0, "heldout_tail_nll": 6.3}, "ok", baseline)
+    warnings = [r.getMessage() for r in caplog.records if "will never act" in r.getMessage()]
+    assert len(warnings) == 1 and "self_bleu4" in warnings[0] and "heldout_tail_nll" not in warnings[0]
+    assert collator.min_real_fraction == 0.75  # the tail NLL still acts: +0.3 nats, 0.5 x step_up 1.5
+
+
 def run(tmp_path, tokenizer, monkeypatch, levels, max_steps=12, resume=None, save=False, floor=None):
     from trl import SFTConfig, SFTTrainer
 
