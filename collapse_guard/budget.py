@@ -55,13 +55,18 @@ class MeasurementBudget:
         cost_budget: share of the job the guard may spend measuring (None: no limit).
         budget_unit: "time" (wall-clock seconds) or "tokens" (forward tokens).
         generation_every: generate the prompt set at every N-th measurement only (and always at the final).
+        sequential: measurements between the first and the final one may score half the held-out set
+            (`GuardConfig.sequential`): until one has been taken, the next is priced at a required one's
+            cost less half its held-out part.
     """
 
     def __init__(self, eval_steps: int = 50, cost_budget: float | None = 0.03,
-                 budget_unit: Literal["time", "tokens"] = "time", generation_every: int = 1):
+                 budget_unit: Literal["time", "tokens"] = "time", generation_every: int = 1,
+                 sequential: bool = False):
         self.eval_steps, self.cost_budget = eval_steps, cost_budget
         self.unit = "seconds" if budget_unit == "time" else "tokens"
         self.generation_every = generation_every
+        self.sequential = sequential
         self._hook = None
         self.measuring = False
         self.start()
@@ -69,7 +74,8 @@ class MeasurementBudget:
     @classmethod
     def from_config(cls, config) -> MeasurementBudget:
         """From a `GuardConfig` (its eval_steps, cost_budget, budget_unit and generation_every)."""
-        return cls(config.eval_steps, config.cost_budget, config.budget_unit, config.generation_every)
+        return cls(config.eval_steps, config.cost_budget, config.budget_unit, config.generation_every,
+                   getattr(config, "sequential", False))
 
     def start(self, last_measured: int = -1, model=None) -> None:
         """Resets every counter: a trainer starts (or resumes) training; `last_measured` is the step of the
@@ -82,6 +88,11 @@ class MeasurementBudget:
         # cost that eval_steps, evaluation requests and the budget control
         self.optional_measurements = 0
         self._forced_step: int | None = None
+        # what the next measurements will cost: required ones (the first, the final, a re-check) score the
+        # whole held-out set; optional ones may stop at half of it (sequential)
+        self._required: list[float] = []
+        self._held_out_part = 0.0
+        self._last_optional: float | None = None
         if model is not None:
             self._count_training_tokens(model)
 
@@ -103,10 +114,14 @@ class MeasurementBudget:
             return False
         if self.cost_budget is None or not self.spent["measurements"]:
             return True
-        next_cost = self.spent[self.unit] / self.spent["measurements"]
+        final_cost = (sum(self._required) / len(self._required) if self._required
+                      else self.spent[self.unit] / self.spent["measurements"])
+        next_cost = self._last_optional
+        if next_cost is None:
+            next_cost = final_cost - (self._held_out_part / 2 if self.sequential else 0.0)
         trained = self._trained()
         projected = trained * max(1.0, max_steps / step) if step > 0 else trained
-        planned = self.spent[self.unit] + 2 * next_cost  # this one and the final one
+        planned = self.spent[self.unit] + next_cost + final_cost  # this one and the final one
         fits = bool(broadcast(planned <= self.cost_budget * (projected + planned)))
         said = ("skip", self.eval_steps, self.cost_budget, self.unit)  # once per process, like the schedule
         if not fits and said not in _ANNOUNCED and is_main():
@@ -154,8 +169,14 @@ class MeasurementBudget:
     def record(self, step: int, cost: dict[str, Any], final: bool = False) -> None:
         """Books a measurement taken at `step` and what it cost (`Probe.measure`'s "cost"); `final`: the
         run's final measurement (required, like the first one and a forced re-check)."""
+        spent = cost["seconds"] if self.unit == "seconds" else cost["forward_tokens"]
         if not (final or self.last_measured < 0 or step == self._forced_step):
             self.optional_measurements += 1
+            self._last_optional = spent
+        else:
+            self._required.append(spent)
+            part = "perplexity_seconds" if self.unit == "seconds" else "heldout_tokens"
+            self._held_out_part = cost.get(part, 0.0)
         self.spent["seconds"] += cost["seconds"]
         self.spent["tokens"] += cost["forward_tokens"]
         self.spent["measurements"] += 1

@@ -30,7 +30,7 @@ from collapse_guard.distributed import is_main
 from collapse_guard.floor import AdaptiveFloor, FloorConfig
 from collapse_guard.history import FILENAME, History, measurement, scalars, verdict_of, write_verdict
 from collapse_guard.policy_guard import PolicyGuardCallback
-from collapse_guard.probe import Probe, ProbeConfig
+from collapse_guard.probe import Probe, ProbeConfig, estimate_whole_set
 from collapse_guard.signals import LEVELS, LOG_PREFIX, finite, is_number, logged_names
 from collapse_guard.stop import stop_on_alarm
 
@@ -56,6 +56,16 @@ class GuardConfig:
     generation_every: int = field(default=1, metadata={
         "help": "Generate the prompt set at every N-th measurement only (held-out perplexity is cheaper); "
                 "the first and the final measurement always generate."})
+    sequential: bool = field(default=True, metadata={
+        "help": "A measurement between the first and the final one scores half the held-out documents (a "
+                "fixed random half) first and the rest only when that half cannot show the perplexity "
+                "rules will stay quiet at sequential_confidence; such an entry's heldout_ppl is then the "
+                "whole set's estimate from the paired half, and the held-out early signals (heldout_entropy, "
+                "...: whole-set values) are left out of it. Warnings and alarms always rest on the whole "
+                "set. False: every measurement scores every document."})
+    sequential_confidence: float = field(default=0.999, metadata={
+        "help": "Two-sided level of the first look's intervals (a Haybittle-Peto boundary: 0.999 keeps the "
+                "whole-set test's error rates; lower saves more and risks more)."})
     stop_training_on_alarm: bool = field(default=True, metadata={
         "help": "An alarm stops this training run (control.should_training_stop, on every rank at the same "
                 "step). The loop's `end_run_on_alarm` is the separate switch that ends a multi-round run."})
@@ -76,6 +86,11 @@ class GuardConfig:
         if (isinstance(self.round_index, bool) or not isinstance(self.round_index, int)
                 or self.round_index < 0):
             raise ValueError(f"GuardConfig.round_index must be an int >= 0, got {self.round_index!r}.")
+        if not isinstance(self.sequential, bool):
+            raise TypeError(f"GuardConfig.sequential must be True or False, got {self.sequential!r}.")
+        if not (is_number(self.sequential_confidence) and 0.5 <= self.sequential_confidence < 1):
+            raise ValueError("GuardConfig.sequential_confidence must be in [0.5, 1), e.g. 0.999, got "
+                             f"{self.sequential_confidence!r}.")
         if not isinstance(self.stop_training_on_alarm, bool):
             raise TypeError("GuardConfig.stop_training_on_alarm must be True or False, "
                             f"got {self.stop_training_on_alarm!r}.")
@@ -211,10 +226,20 @@ class CollapseGuardCallback(TrainerCallback):
         return self.budget.share()
 
     # ----- measure -> judge -> log / stop -------------------------------------------------------------------
-    def measure(self, model, step: int, final: bool = False) -> dict[str, Any]:
-        """Measures `model` now (collective), judges the history and records the entry."""
+    def measure(self, model, step: int, final: bool = False, sequential: bool = False) -> dict[str, Any]:
+        """Measures `model` now (collective), judges the history and records the entry. `sequential`: the
+        held-out set may be scored in two looks (`GuardConfig.sequential`)."""
+        context = self.history.context(self.config.round_index)
+        first_look = None
+        if sequential and self.config.sequential and not final and context:
+            def first_look(partial: dict[str, Any]) -> bool:
+                return self.detector.held_out_decided(context, partial, self.config.sequential_confidence)
+
         with self.budget.measurement():
-            signals = self.probe.measure(model, generations=self.budget.generates(final))
+            signals = self.probe.measure(model, generations=self.budget.generates(final),
+                                         first_look=first_look)
+        if "heldout_doc_index" in signals:
+            estimate_whole_set(signals, context[0])
         self.budget.record(step, signals.pop("cost"), final=final)
         entry = {"round": self.config.round_index, "step": step, "final": final, **signals}
         # what on_log found non-finite at this step (loss, gradient norm) stays part of its entry
@@ -349,7 +374,7 @@ class CollapseGuardCallback(TrainerCallback):
         recheck = self.floor is not None and step == self.floor.recheck_at
         if (self.budget.due(step, step >= state.max_steps, state.max_steps, forced=recheck)
                 or control.should_evaluate and step != self.budget.last_measured):
-            entry = self.measure(model, step, final=step >= state.max_steps)
+            entry = self.measure(model, step, final=step >= state.max_steps, sequential=True)
             self._stop_if_alarm(control, step)
             self._save(state)
             self._log(entry)
@@ -418,3 +443,4 @@ class CollapseGuardCallback(TrainerCallback):
             self.history.at(self.config.round_index, state.global_step)["final"] = True
             self._save(state)
         self.budget.warn_if_over()
+

@@ -827,6 +827,20 @@ def to_dict(config: LoopConfig) -> dict[str, Any]:
     return copy_plain(config)
 
 
+# Settings added after runs were made whose default is not what those runs did: a recorded recipe without
+# them is read with the value they ran under (every other missing setting did what its default does).
+_BEFORE_ADDED = {"evaluation": {"sampler": "multinomial"}, "guard": {"sequential": False}}
+
+
+def recorded_config(stored: dict[str, Any]) -> dict[str, Any]:
+    """A recipe that `run_state.json` recorded, as this version reads it (what a continued run is compared
+    with): settings added since then take the value the run was made with, so a run made before a setting
+    existed continues unless the recipe now asks for something else."""
+    filled = {section: {k: v for k, v in values.items() if k not in (stored.get(section) or {})}
+              for section, values in _BEFORE_ADDED.items() if isinstance(stored.get(section), dict)}
+    return to_dict(config_from_dict(merge(stored, filled)))
+
+
 def expand(config: LoopConfig) -> dict[str, LoopConfig]:
     """{name: config} for every variant x seed: output_dir/<variant>[/seed_<s>]; the config itself if
     neither."""

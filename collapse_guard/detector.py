@@ -104,6 +104,12 @@ class DetectorConfig:
         default="heldout_doc_tokens",
         metadata={"help": "History key of the per-document predicted-token counts, as ppl_doc_nll_signal."},
     )
+    ppl_doc_index_signal: str = field(
+        default="heldout_doc_index",
+        metadata={"help": "History key of the documents a sequential measurement scored (absent: all); its "
+                          "per-document lists hold 0 elsewhere, and its ppl_signal is an estimate for the "
+                          "whole set (<ppl_signal>_scored: the scored documents' own)."},
+    )
     generations_signal: str = field(
         default="generations",
         metadata={"help": "History key of the generations for the fixed prompts (one string per prompt, same "
@@ -443,9 +449,11 @@ class CollapseDetector:
         return verdict
 
     # ----- intervals ------------------------------------------------------------------------------
-    def _ppl_interval(self, base: Mapping, new: Mapping) -> tuple[RatioInterval | None, str]:
+    def _ppl_interval(self, base: Mapping, new: Mapping, confidence: float | None = None,
+                      resamples: int | None = None) -> tuple[RatioInterval | None, str]:
         """The bootstrap interval of new/base held-out ppl and its method, or None and why the point rule
-        decides instead."""
+        decides instead. Over the documents both entries scored (a sequential measurement scores part of
+        the set: `heldout_doc_index`)."""
         c = self.config
         sums = []
         for which, entry in (("baseline", base), ("latest", new)):
@@ -455,20 +463,68 @@ class CollapseDetector:
             if isinstance(nll, (str, bytes, Mapping)) or isinstance(tokens, (str, bytes, Mapping)):
                 return None, f"point estimate: per-document NLL of the {which} entry is not a list"
             sums.append((nll, tokens))
-        (b_nll, b_tok), (n_nll, n_tok) = sums
         try:
-            est = ppl_ratio_interval(b_nll, b_tok, n_nll, n_tok, c.ppl_bootstrap_resamples, c.confidence,
-                                     c.bootstrap_seed)
-        except (TypeError, ValueError) as error:
+            (b_nll, b_tok), (n_nll, n_tok) = sums
+            shared = _shared_documents(base, new, len(b_nll), c)
+            if shared is not None:
+                b_nll, b_tok, n_nll, n_tok = ([values[d] for d in shared] for values in (b_nll, b_tok, n_nll,
+                                                                                       n_tok))
+            est = ppl_ratio_interval(b_nll, b_tok, n_nll, n_tok, resamples or c.ppl_bootstrap_resamples,
+                                     confidence or c.confidence, c.bootstrap_seed)
+            for which, entry, (nll, tokens) in (("baseline", base, sums[0]), ("latest", new, sums[1])):
+                # a partial entry stores an estimate for the whole set, and its scored part's value beside it
+                stored = entry.get(f"{c.ppl_signal}_scored" if _scored(entry, c) else c.ppl_signal)
+                from_docs = math.exp(math.fsum(nll) / math.fsum(tokens)) if math.fsum(tokens) > 0 else None
+                if (from_docs is not None and _finite(stored) and stored > 0
+                        and abs(from_docs / stored - 1.0) > _PPL_CONSISTENCY):
+                    return None, (f"point estimate: per-document sums give ppl {from_docs:.4g}, the {which} "
+                                  f"{c.ppl_signal} is {stored:.4g}")
+        except (TypeError, ValueError, IndexError, OverflowError) as error:
             return None, f"point estimate: per-document data unusable ({error})"
         if est.n < c.min_items:
             return None, f"point estimate: {est.n} documents, intervals need {c.min_items}"
-        for which, entry, from_docs in (("baseline", base, est.baseline), ("latest", new, est.value)):
-            stored = entry.get(c.ppl_signal)
-            if _finite(stored) and stored > 0 and abs(from_docs / stored - 1.0) > _PPL_CONSISTENCY:
-                return None, (f"point estimate: per-document sums give ppl {from_docs:.4g}, the {which} "
-                              f"{c.ppl_signal} is {stored:.4g}")
-        return est, f"{est.method}, seed {c.bootstrap_seed}"
+        part = f"; sequential: the {est.n} of {len(sums[0][0])} documents both scored" if shared else ""
+        return est, f"{est.method}, seed {c.bootstrap_seed}{part}"
+
+    def held_out_decided(self, history: Sequence[Mapping[str, Any]], partial: Mapping[str, Any],
+                         confidence: float = 0.999) -> bool:
+        """Whether scoring the rest of the held-out set could not make the perplexity rules fire: on the
+        documents `partial` scored (a sequential measurement's first look), the ratio to the baseline
+        (`history[0]`) is below `ppl_ratio_warn` and the rise over the last measurement within
+        `ppl_rise_tolerance`, each with its whole `confidence` interval. False when unsure (too few
+        documents, no per-document sums): the caller then scores the whole set.
+
+        A Haybittle-Peto boundary: the first look decides only at 99.9% (so rarely wrong that the final,
+        whole-set test keeps its nominal level), and it decides only "ok"; every warning and alarm rests on
+        the whole set, as without the first look.
+        """
+        c = self.config
+        if not history or not 0.5 <= confidence < 1:
+            return False
+        resamples = max(c.ppl_bootstrap_resamples, math.ceil(20 / (1 - confidence)))  # 10+ resamples a tail
+        checked = [_numeric_signals(e, {c.ppl_signal}, "history") for e in (*history, partial)]
+        est, _ = self._ppl_interval(checked[0], checked[-1], confidence, resamples)
+        if est is None or est.high >= c.ppl_ratio_warn:
+            return False
+        if self._trend_open(checked[:-1]):  # the earlier steps rose: the new one must clearly not
+            rise, _ = self._ppl_interval(checked[-2], checked[-1], confidence, resamples)
+            if rise is None or rise.high > 1.0 + c.ppl_rise_tolerance:
+                return False
+        return True
+
+    def _trend_open(self, history: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether the next measurement can complete the trend rule: each of the last ppl_rises_warn - 1
+        steps of `history` rose past the tolerance, as `_trend` decides them."""
+        c = self.config
+        if not c.ppl_rises_warn or len(history) < c.ppl_rises_warn:
+            return False
+        window = history[-c.ppl_rises_warn:]
+        for prev, cur in zip(window, window[1:], strict=False):
+            est, _ = self._ppl_interval(prev, cur)
+            ratio = est.low if est is not None else self._ratio(cur, prev, c.ppl_signal)
+            if ratio is None or not ratio > 1.0 + c.ppl_rise_tolerance:
+                return False
+        return True
 
     def _diversity_intervals(self, base: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[dict, str]:
         """Jackknife intervals of the text signals, or {} and why the point rules decide instead."""
@@ -700,6 +756,25 @@ class CollapseDetector:
             verdict, f"task accuracy {float(accuracy):.0%} fell from {float(best[c.task_signal]):.0%} at "
                      f"{_label(best, 'its best')} ({numbers})",
             alarm=(False, ""), warn=(fell, f"warn when it falls more than {c.task_drop_warn * 100:g} points"))
+
+
+def _scored(entry: Mapping[str, Any], c: DetectorConfig) -> list[int] | None:
+    """The documents a partial (sequential) measurement scored; None: all of them."""
+    index = entry.get(c.ppl_doc_index_signal)
+    return None if index is None else list(index)
+
+
+def _shared_documents(base: Mapping[str, Any], new: Mapping[str, Any], n: int,
+                      c: DetectorConfig) -> list[int] | None:
+    """The documents both entries scored, when either scored part of the set; None when both scored all."""
+    scored = [_scored(e, c) for e in (base, new)]
+    if scored == [None, None]:
+        return None
+    common = set(range(n))
+    for index in scored:
+        if index is not None:
+            common &= {int(d) for d in index}
+    return sorted(common)
 
 
 def _corpus_ppl(entry: Mapping[str, Any], c: DetectorConfig) -> float:

@@ -52,7 +52,7 @@ FLOOR_KEYS = ("floor", "floor_reason", "floor_healthy")
 # Keys that describe an entry (or its verdict) rather than measure the model.
 META_KEYS = ("round", "step", "final", *VERDICT_KEYS, "floor_reason", "floor_healthy", "cost")
 # Per-item lists the detector reads; too big to log as scalars.
-LIST_KEYS = ("heldout_doc_nll", "heldout_doc_tokens", "generations")
+LIST_KEYS = ("heldout_doc_nll", "heldout_doc_tokens", "heldout_doc_index", "generations")
 
 
 def scalars(entry: Mapping[str, Any]) -> dict[str, float]:

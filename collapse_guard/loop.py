@@ -38,7 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collapse_guard.config import Lazy, LoopConfig, build_component, check_config, expand, to_dict
+from collapse_guard.config import (
+    Lazy,
+    LoopConfig,
+    build_component,
+    check_config,
+    expand,
+    recorded_config,
+    to_dict,
+)
 from collapse_guard.distributed import barrier, broadcast, init_process_group, is_main
 from collapse_guard.history import FILENAME as HISTORY_FILENAME
 from collapse_guard.history import History, measurement, write_verdict
@@ -805,7 +813,7 @@ def _claim(config: LoopConfig, run_dir: Path, restart: bool):
     try:
         if is_main():
             lock.__enter__()
-            claim(run_dir, to_dict(config), restart)
+            claim(run_dir, to_dict(config), restart, normalize=recorded_config)
     except RunFolderError as err:
         error = str(err)
     error = broadcast(error)

@@ -23,6 +23,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,12 @@ def _differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = 
     return out
 
 
-def claim(folder: Path, config: dict[str, Any], restart: bool = False) -> RunState:
+def claim(folder: Path, config: dict[str, Any], restart: bool = False,
+          normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> RunState:
     """The folder's run state for `config` (rank 0, under the lock): continue, start, or refuse.
+
+    `normalize` rebuilds a stored recipe with the current schema before the comparison, so that a setting
+    added by a later version, at its default, does not make a run made before it "another recipe".
 
     Before anything is written: a recipe with a non-finite number is refused (`ConfigError`); leftovers of a
     killed run are removed (see the module docstring).
@@ -168,9 +173,15 @@ def claim(folder: Path, config: dict[str, Any], restart: bool = False) -> RunSta
                         ", ".join(str(p.relative_to(folder)) for p in removed[:3])
                         + (", ..." if len(removed) > 3 else ""))
     others = [c for c in folder.iterdir() if c.name != LOCK_NAME]
-    changed = ours and state.config != config
+    stored = state.config or {}
+    if ours and normalize is not None and stored:
+        try:
+            stored = normalize(stored)
+        except (TypeError, ValueError):  # a stored recipe the schema no longer takes: compare it as written
+            stored = state.config or {}
+    changed = ours and stored != config
     if ours and changed and state.started and not restart:
-        changes = _differences(state.config or {}, config)
+        changes = _differences(stored, config)
         raise RunFolderError(
             f"output_dir {str(folder)!r} holds a run of another recipe ({'; '.join(changes[:4])}"
             f"{'; ...' if len(changes) > 4 else ''}). Re-run the same recipe and overrides to continue it, "

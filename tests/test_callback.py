@@ -211,8 +211,8 @@ def test_resume_keeps_baseline_and_history(model, tokenizer, pretrained, tmp_pat
     calls = []
     measure = CollapseGuardCallback.measure
     monkeypatch.setattr(CollapseGuardCallback, "measure",
-                        lambda self, m, step, final=False: calls.append(step)
-                        or measure(self, m, step, final))
+                        lambda self, m, step, final=False, **kw: calls.append(step)
+                        or measure(self, m, step, final, **kw))
     trainer = make_trainer(resumed_model, tokenizer, texts, tmp_path, max_steps=15)
     second.attach(trainer)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))

@@ -250,12 +250,12 @@ def test_guard_writes_them_to_the_history_and_logs_them(tokenizer, tiny_model, t
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                       callbacks=[recorder])
     guard = CollapseGuardCallback(human_like_sentences(24, seed=99), probe=ProbeConfig(context_length=64),
-                                  config=GuardConfig(eval_steps=5, cost_budget=None,
+                                  config=GuardConfig(eval_steps=5, cost_budget=None, sequential=False,
                                                      stop_training_on_alarm=False))
     guard.attach(trainer)
     trainer.train()
     entries = read_json(tmp_path / FILENAME)["entries"]
-    assert [e["step"] for e in entries] == [0, 5, 10]
+    assert [e["step"] for e in entries] == [0, 5, 10]  # sequential=False: every entry scores every document
     assert all(isinstance(e[name], float) for e in entries for name in SIGNAL_NAMES)
     # training on one repeated sentence concentrates the model's mass: entropy falls, top-1 mass rises
     assert entries[-1]["heldout_entropy"] < entries[0]["heldout_entropy"] - 0.5

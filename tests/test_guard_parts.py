@@ -57,6 +57,19 @@ def test_budget_counters_reset_in_one_place_and_spacing_holds():
         budget.record(12, {"seconds": 1.0})  # Probe.measure's cost always carries forward_tokens
 
 
+@pytest.mark.parametrize("sequential, fits", [(False, False), (True, True)])
+def test_budget_prices_a_sequential_measurement_at_half_its_held_out_part(sequential, fits):
+    """3 forward tokens a training token; 10% budget: a measurement fits when the projected job is >= 9x the
+    planned cost. The first one cost 1000 tokens (400 of them held-out): with this one and the final one the
+    guard plans 3000, or 2800 when this one may stop at half the held-out set; the job projects to 26,000."""
+    budget = MeasurementBudget(eval_steps=1, cost_budget=0.1, budget_unit="tokens", sequential=sequential)
+    budget.record(0, {"seconds": 1.0, "forward_tokens": 1000, "heldout_tokens": 400})
+    budget.trained_tokens = 26_000 / 3
+    assert budget.due(5, final=False, max_steps=5) is fits
+    budget.record(5, {"seconds": 1.0, "forward_tokens": 900, "heldout_tokens": 200})
+    assert budget._last_optional == 900  # the next optional one is priced at what the last one cost
+
+
 class Collator:
     allow_low_real_fraction = False
 

@@ -72,11 +72,36 @@ def test_two_rounds_produce_every_artifact(tiny_run):
         assert (out / name).stat().st_size > 0
 
 
+def test_a_loop_round_measures_each_model_once(tmp_path, monkeypatch):
+    """Round 0's model, then each round's trained one: the guard's closing measurement is the loop's round
+    evaluation and the next round's start, so three models take three measurements, not five or seven."""
+    from collapse_guard.probe import Probe
+
+    measured = []
+    measure = Probe.measure
+
+    def counting(self, model, *args, **kwargs):
+        measured.append(float(sum(p.detach().double().sum() for p in model.parameters())))
+        return measure(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Probe, "measure", counting)
+    run_rounds(load_config(RECIPE, [f"output_dir={tmp_path / 'run'}"]))
+    assert len(measured) == 3 and len(set(measured)) == 3
+
+
 def test_finished_run_is_kept_other_recipes_refused_restart_discards(tiny_run, tmp_path):
     out, summary = tiny_run
     before = (out / HISTORY).stat().st_mtime_ns
     again = run_rounds(load_config(RECIPE, [f"output_dir={out}"]))
     assert [e["heldout_ppl"] for e in again["history"]] == [e["heldout_ppl"] for e in summary["history"]]
+    assert (out / HISTORY).stat().st_mtime_ns == before
+    # a run made before a setting existed continues when the setting is at its default
+    state_file = out / "run_state.json"
+    state = read_json(state_file)
+    assert "report_heldout" in state["config"]["data"]
+    del state["config"]["data"]["report_heldout"]
+    state_file.write_text(json.dumps(state))
+    run_rounds(load_config(RECIPE, [f"output_dir={out}"]))
     assert (out / HISTORY).stat().st_mtime_ns == before
     with pytest.raises(RunFolderError,
                        match=r"holds a run of another recipe \(training.learning_rate: .*--restart"):

@@ -179,8 +179,9 @@ class TransformersBackend:
     """`model.generate` on left-padded batches (`batch_size` prompts at a time).
 
     `sampler="inverse_cdf"` draws sampled tokens with one uniform per row (`inverse_cdf_sample`) instead of
-    `torch.multinomial`: the same distribution, other draws for a seed, so it is off by default (the
-    committed numbers were sampled with multinomial). Beam search always uses transformers' own sampling.
+    `torch.multinomial`: the same distribution, other draws for a seed. It is off by default here (what
+    transformers does); the guard's probe uses it by default (`ProbeConfig.sampler`). Beam search always
+    uses transformers' own sampling.
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 16, sampler: str = "multinomial"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,6 +111,11 @@ class PerplexityResult:
         default_factory=dict,
         metadata={"help": "Per-document float64 sums behind `signals`, in input order, all-reduced: entropy, "
                           "top1_mass, low_prob_tokens, tail_nll, tail_tokens (empty without signals=True)."},
+    )
+    sums: torch.Tensor | None = field(
+        default=None, repr=False, compare=False,
+        metadata={"help": "The all-reduced float64 sums everything above is divided from ([nll, tokens, "
+                          "signal sums...] x documents): what `HeldoutPerplexity.combine` adds."},
     )
 
     @property
@@ -222,7 +228,7 @@ class HeldoutPerplexity:
             )
         # Fixed here, from the held-out set itself, so every measurement scores the same tail tokens.
         self.tail_tokens = _tail_lookup(self.token_ids, TAIL_SHARE)
-        self._batches: dict[tuple[int, int, str], list[_Batch]] = {}
+        self._batches: dict[tuple[int, int, str, frozenset[int] | None], list[_Batch]] = {}
         self._split_ok: dict[int, bool] = {}
         self._needs_mask: dict[int, bool] = {}
 
@@ -243,20 +249,52 @@ class HeldoutPerplexity:
                 break
         return windows
 
-    def compute(self, model) -> PerplexityResult:
-        """Scores the held-out set with `model` (plain, PEFT, DDP/FSDP/DeepSpeed); keeps its train mode."""
+    def compute(self, model, documents: Sequence[int] | None = None) -> PerplexityResult:
+        """Scores the held-out set with `model` (plain, PEFT, DDP/FSDP/DeepSpeed); keeps its train mode.
+
+        `documents`: score only these (indices into `texts`, the same on every rank); the others keep 0 NLL
+        and 0 tokens in the per-document lists. Results of disjoint subsets add up exactly (`combine`), so a
+        measurement can score part of the set, look, and score the rest only when it needs to.
+        """
         if id(model) not in self._fits_checked:
             check_tokenizer_fits(self._tokenizer_facts, model, "HeldoutPerplexity")
             self._fits_checked.add(id(model))
         rank, world = rank_world()
         if world > 1:
             _check_same_documents(self.n_documents, _comm_device(model))
-        nll, count, *extra = self._local_sums(model, world, rank, sync_steps=world > 1 and _is_sharded(model))
+        chosen = None if documents is None else frozenset(self._check_documents(documents))
+        nll, count, *extra = self._local_sums(model, world, rank, sync_steps=world > 1 and _is_sharded(model),
+                                              documents=chosen)
+        sums = torch.cat([nll, count, *extra])
         if world > 1:
             # one collective for everything: [nll, count, extra sums...], each n_documents long
-            sums = all_reduce_sum(torch.cat([nll, count, *extra]).to(_comm_device(model))).cpu()
-            nll, count, *extra = sums.split(self.n_documents)
+            sums = all_reduce_sum(sums.to(_comm_device(model))).cpu()
+        return self._finish(model, sums, world)
+
+    def combine(self, model, first: PerplexityResult, second: PerplexityResult) -> PerplexityResult:
+        """The result of scoring both parts' documents (disjoint `compute(documents=...)` calls of this
+        evaluator): sums added, then divided, as if scored in one pass. Collective like `compute`."""
+        if first.sums is None or second.sums is None:
+            raise ValueError("combine takes results of this evaluator's compute(), which carry their sums.")
+        overlap = [d for d, (a, b) in enumerate(zip(first.document_tokens, second.document_tokens,
+                                                    strict=True)) if a and b]
+        if overlap:
+            raise ValueError(f"combine: documents {overlap[:5]} were scored in both parts; pass disjoint "
+                             "ones.")
+        return self._finish(model, first.sums + second.sums, rank_world()[1])
+
+    def _check_documents(self, documents: Sequence[int]) -> list[int]:
+        chosen = list(documents)
+        bad = [d for d in chosen
+               if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < self.n_documents]
+        if bad or not chosen:
+            raise ValueError(f"documents must be indices in [0, {self.n_documents}), got {chosen[:8]!r}.")
+        return chosen
+
+    def _finish(self, model, sums: torch.Tensor, world: int) -> PerplexityResult:
+        nll, count, *extra = sums.split(self.n_documents)
         result = _result(nll, count, self.n_skipped)
+        result.sums = sums
         if extra:
             _add_signals(result, torch.stack(extra))
         if not result.finite and result.n_tokens:
@@ -264,10 +302,11 @@ class HeldoutPerplexity:
             result.diverged = _divergence_reason(model, result, world)
         return result
 
-    def _local_sums(self, model, world: int, rank: int, sync_steps: bool,
-                    signals: bool | None = None) -> tuple[torch.Tensor, ...]:
-        """Per-document (nll, scored tokens, *signal sums) for this rank's shard, float64 on CPU; the signal
-        sums (`_SUM_NAMES` order) only when `signals` (default: the evaluator's setting)."""
+    def _local_sums(self, model, world: int, rank: int, sync_steps: bool, signals: bool | None = None,
+                    documents: frozenset[int] | None = None) -> tuple[torch.Tensor, ...]:
+        """Per-document (nll, scored tokens, *signal sums) for this rank's shard of `documents` (None: all),
+        float64 on CPU; the signal sums (`_SUM_NAMES` order) only when `signals` (default: the evaluator's
+        setting)."""
         signals = self.signals if signals is None else signals
         inner = unwrap_causal_lm(model)
         device = _input_device(inner)
@@ -276,12 +315,12 @@ class HeldoutPerplexity:
         extra = torch.zeros((len(_SUM_NAMES), self.n_documents) if signals else (0, 0), dtype=torch.float64,
                             device=nll.device)
         tail = self.tail_tokens.to(nll.device)
-        batches = self._shard_batches(world, rank, device)
+        batches = self._shard_batches(world, rank, device, documents)
         # Sharded models (FSDP) gather parameters collectively inside forward: every rank must run the same
         # number of forwards, so ranks with fewer batches run throwaway ones.
         n_steps = len(batches)
         if sync_steps:
-            n_steps = max(len(self._shard_batches(world, r, device)) for r in range(world))
+            n_steps = max(len(self._shard_batches(world, r, device, documents)) for r in range(world))
         split = not sync_steps and self._can_split(inner, device)
         masked = self._padding_needs_mask(inner if split else model, device)
         logits = _logits_buffer(inner, batches, device) if split else None
@@ -308,11 +347,13 @@ class HeldoutPerplexity:
             model.train(was_training)
         return nll.cpu(), count.cpu(), *extra.cpu()
 
-    def _shard_batches(self, world: int, rank: int, device: torch.device) -> list[_Batch]:
-        key = (world, rank, device.type)
+    def _shard_batches(self, world: int, rank: int, device: torch.device,
+                       documents: frozenset[int] | None = None) -> list[_Batch]:
+        key = (world, rank, device.type, documents)
         if key not in self._batches:
+            windows = self.windows if documents is None else [w for w in self.windows if w.doc in documents]
             # Round-robin over length-sorted windows: every rank gets the same mix of long and short windows.
-            self._batches[key] = self._pack(self.windows[rank::world], device)
+            self._batches[key] = self._pack(windows[rank::world], device) if windows[rank::world] else []
         return self._batches[key]
 
     def _pack(self, windows: list[_Window], device: torch.device) -> list[_Batch]:
