@@ -39,6 +39,7 @@ from collapse_guard.detector import CollapseDetector  # noqa: E402
 from collapse_guard.history import History, strip_verdict  # noqa: E402
 from collapse_guard.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from collapse_guard.probe import estimate_whole_set, first_look_documents  # noqa: E402
+from collapse_guard.stats import TEXT_SIGNALS, diversity_ratio_intervals  # noqa: E402
 
 CONFIDENCE = GuardConfig().sequential_confidence
 
@@ -55,6 +56,31 @@ def first_look(entry: dict, scored: list[int]) -> dict:
             "heldout_ppl": math.exp(total_nll / total_tokens)}
 
 
+def prompts_would_decide(detector: CollapseDetector, baseline: dict, entry: dict,
+                         half: list[int]) -> bool | None:
+    """Whether a first look at half the prompts (paired with the baseline's same prompts) would show every
+    generation rule quiet at the first look's level: each diversity signal's lower bound at or above its
+    warn ratio, self-BLEU's upper bound at or below its own (or its rise's bound under self_bleu_min_rise).
+    None: the entries hold no generations.
+    (A study only: the probe generates every prompt.)"""
+    c = detector.config
+    base, new = baseline.get(c.generations_signal), entry.get(c.generations_signal)
+    if not base or not new or len(base) != len(new):
+        return None
+    names = [s for s in (*c.diversity_signals, c.self_bleu_signal) if s in TEXT_SIGNALS]
+    intervals = diversity_ratio_intervals([base[i] for i in half], [new[i] for i in half], names, CONFIDENCE)
+    for name in names:
+        est = intervals.get(name)
+        if est is None:
+            return False
+        if name == c.self_bleu_signal:  # quiet below its ratio, or when even the rise's bound is too small
+            if est.high > c.self_bleu_ratio_warn and est.baseline * (est.high - 1.0) >= c.self_bleu_min_rise:
+                return False
+        elif est.low < c.diversity_ratio_warn:
+            return False
+    return True
+
+
 def firing(verdict) -> tuple[str, list[str]]:
     return verdict.level, sorted(k for k, e in verdict.evidence.items() if e.get("level") != "ok")
 
@@ -64,9 +90,9 @@ def replay(run: Path) -> dict:
     detector = CollapseDetector(config.detector)
     entries = [strip_verdict(e) for e in read_json(run / "collapse_history.json")["entries"]]
     whole, sequential = History(), History()
-    applies = decided = 0
+    applies = decided = prompts_decided = both_decided = 0
     differences = []
-    scored = None
+    scored = prompt_half = None
     for entry in entries:
         if "heldout_doc_nll" not in entry:  # a training log without a measurement
             whole.add(dict(entry))
@@ -83,10 +109,17 @@ def replay(run: Path) -> dict:
         if entry["step"] > 0 and not entry.get("final") and context:
             applies += 1
             partial = first_look(entry, scored)
-            if detector.held_out_decided(context, partial, CONFIDENCE):
+            held_out = detector.held_out_decided(context, partial, CONFIDENCE)
+            if held_out:
                 decided += 1
                 estimate_whole_set(partial, context[0])
                 used = partial
+            generations = entry.get("generations") or []
+            if prompt_half is None and len(generations) >= 2:
+                prompt_half = first_look_documents(list(range(len(generations))), config.evaluation.seed)
+            quiet = prompts_would_decide(detector, context[0], entry, prompt_half) if prompt_half else None
+            prompts_decided += bool(quiet)
+            both_decided += bool(quiet) and held_out
         seq_verdict = detector.check([*context, used])
         sequential.add(used)
         if firing(whole_verdict) != firing(seq_verdict):
@@ -101,7 +134,8 @@ def replay(run: Path) -> dict:
                                 "whole_set": firing(whole_verdict), "sequential": firing(seq_verdict),
                                 "first_look_decided": "heldout_doc_index" in used, "reason": reason})
     return {"run": str(run), "measurements": len(entries), "first_look_applies": applies,
-            "first_look_decided": decided, "documents": len(entries[0]["heldout_doc_tokens"]),
+            "first_look_decided": decided, "half_prompts_would_decide": prompts_decided,
+            "both_would_decide": both_decided, "documents": len(entries[0]["heldout_doc_tokens"]),
             "first_look_documents": len(scored or []), "differences": differences}
 
 
@@ -134,6 +168,8 @@ def main() -> None:
         return {"runs": len(items), "measurements": sum(r["measurements"] for r in items),
                 "first_look_applies": applies, "first_look_decided": decided,
                 "decided_share": decided / applies if applies else None,
+                "half_prompts_would_decide": sum(r["half_prompts_would_decide"] for r in items),
+                "both_would_decide": sum(r["both_would_decide"] for r in items),
                 "verdict_differences": sum(len(r["differences"]) for r in items)}
 
     summary = {name: totals(items) for name, items in groups.items()}
@@ -147,13 +183,19 @@ def main() -> None:
              "interval (Haybittle-Peto). Applies to the measurements between a round's first and its final "
              "one.", "",
              "| runs | n | measurements | first look applies | decided (half scored) | verdicts that "
-             "differ |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "differ | study: half the prompts would decide | and the held-out half too |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, t in summary.items():
         share = (f"{t['first_look_decided']} ({t['decided_share']:.0%})" if t["decided_share"] is not None
                  else "-")
         lines.append(f"| {name} | {t['runs']} | {t['measurements']} | {t['first_look_applies']} | {share} | "
-                     f"{t['verdict_differences']} |")
+                     f"{t['verdict_differences']} | {t['half_prompts_would_decide']} | "
+                     f"{t['both_would_decide']} |")
+    lines += ["", "The last two columns are a study, not what the guard does: whether a first look at "
+              "half the prompts (their generations paired with the baseline's same prompts, jackknife "
+              "intervals at the same level) would show every generation rule quiet (each diversity signal's "
+              "lower bound at or above its warn ratio, self-BLEU's upper bound at or below its own, or its "
+              "rise's bound under the minimum rise)."]
     if out["differences"]:
         lines += ["", "Differences (level, firing rules):", ""]
         lines += [f"- {d['run']} round {d['round']} step {d['step']}: whole set {d['whole_set']}, sequential "

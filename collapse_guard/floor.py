@@ -64,7 +64,10 @@ class FloorConfig:
         "help": "Early-warning thresholds only the floor acts on: signal -> deviation from the baseline in "
                 "the direction collapse moves it (e.g. {heldout_tail_nll: 0.2}: the tail NLL rose 0.2 nats). "
                 "An ok verdict past one raises the floor as a warn does; the verdict stays ok. Set them from "
-                "healthy runs (benchmarks/early_warning.py --threshold-seeds), not from the runs you judge."})
+                "healthy runs (benchmarks/early_warning.py --threshold-seeds), not from the runs you judge. "
+                "The held-out ones (heldout_*) are whole-set values, which a sequential measurement that "
+                "stopped at half the documents leaves out (GuardConfig.sequential); self_bleu4 is measured "
+                "every time."})
 
     def __post_init__(self) -> None:
         for name in ("minimum", "maximum", "min_step"):
