@@ -45,6 +45,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from datasets import load_from_disk
+
 from collapse_guard.detector import DetectorConfig
 from collapse_guard.history import FILENAME, History
 from collapse_guard.io import read_json
@@ -82,12 +84,35 @@ def measurements(run: Path) -> list[dict[str, Any]]:
     both would count one model twice and inflate a lead measured in measurements.
     """
     entries = [e for e in History.load(run / FILENAME).entries if "heldout_ppl" in e]
+    fill_train_copy_gain(run, entries)
     kept: list[dict[str, Any]] = []
     for e in entries:
         if kept and e.get("step") == 0 and e.get("heldout_ppl") == kept[-1].get("heldout_ppl"):
             continue
         kept.append(e)
     return kept
+
+
+def fill_train_copy_gain(run: Path, entries: list[dict[str, Any]]) -> None:
+    """`train_copy_gain` for histories written before the guard computed it: each round's generations
+    against that round's training rows (`round_<r>/train`, as the loop saved them), less the baseline's,
+    with the functions the guard uses."""
+    from collapse_guard.data import texts_of
+    from collapse_guard.metrics.diversity import copied_share, ngram_set
+
+    if not entries or any("train_copy_gain" in e for e in entries) or not entries[0].get("generations"):
+        return
+    tables: dict[int, frozenset | None] = {}
+    for e in entries:
+        r = e["round"]
+        if r not in tables:
+            folder = run / f"round_{r}" / "train"
+            tables[r] = ngram_set(texts_of(load_from_disk(str(folder)))) if folder.is_dir() else None
+        if r == 0 or e is entries[0]:
+            e["train_copy_gain"] = 0.0  # the baseline against itself
+        elif tables[r] is not None and e.get("generations"):
+            e["train_copy_gain"] = (copied_share(e["generations"], tables[r])
+                                    - copied_share(entries[0]["generations"], tables[r]))
 
 
 def trained_so_far(run: Path, entries: list[dict[str, Any]]) -> list[tuple[int, int | None]]:

@@ -115,6 +115,10 @@ class CollapseGuardCallback(TrainerCallback):
         policy_rules: the rules for an on-policy RL trainer's own completions (`collapse_guard.policy`,
             default `POLICY_RULES`); used when the trainer generates (TRL's GRPOTrainer and kin), by the
             `PolicyGuardCallback` that `attach` adds.
+        training_texts: the texts this run trains on (its synthetic rows above all). With them every
+            measurement that generates logs `train_copy_gain`: the share of the generations' word 4-grams
+            found in these texts, less the baseline's generations' share (memorisation of the training
+            rows; observe-only, `benchmarks/early_warning.py` measures its lead).
 
     Example:
 
@@ -137,7 +141,7 @@ class CollapseGuardCallback(TrainerCallback):
                  config: GuardConfig | None = None, probe: ProbeConfig | None = None,
                  detector: DetectorConfig | None = None, reference_model=None,
                  start: dict[str, Any] | None = None, floor: FloorConfig | None = None,
-                 policy_rules: DetectorConfig | None = None):
+                 policy_rules: DetectorConfig | None = None, training_texts: list[str] | None = None):
         from collapse_guard.mixing import MixingCollator
 
         if collator is not None and not isinstance(collator, MixingCollator):
@@ -150,6 +154,14 @@ class CollapseGuardCallback(TrainerCallback):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}.")
         self.heldout_texts, self.prompts = heldout_texts, prompts
         Probe(heldout_texts, None, self.probe_config, prompts)  # validates the texts now, before any training
+        self._training_ngrams = None
+        if training_texts is not None:
+            from collapse_guard.metrics.diversity import ngram_set
+
+            if isinstance(training_texts, str) or not all(isinstance(t, str) for t in training_texts):
+                raise TypeError("training_texts must be a list of strings (the texts the run trains on), got "
+                                f"{type(training_texts).__name__}.")
+            self._training_ngrams = ngram_set(list(training_texts))
         if floor is not None and collator is None:
             raise ValueError("floor (the adaptive floor) moves a MixingCollator's real share: "
                              "pass collator=... too.")
@@ -240,6 +252,7 @@ class CollapseGuardCallback(TrainerCallback):
                                          first_look=first_look)
         if "heldout_doc_index" in signals:
             estimate_whole_set(signals, context[0])
+        self._copy_gain(signals, context[0] if context else None)
         self.budget.record(step, signals.pop("cost"), final=final)
         entry = {"round": self.config.round_index, "step": step, "final": final, **signals}
         # what on_log found non-finite at this step (loss, gradient norm) stays part of its entry
@@ -251,6 +264,25 @@ class CollapseGuardCallback(TrainerCallback):
             entry.update({f"mixing/{k}": v for k, v in self.collator.metrics().items() if finite(v)})
         self._judge(entry)
         return entry
+
+    def _copy_gain(self, signals: dict[str, Any], baseline: dict[str, Any] | None) -> None:
+        """`train_copy_gain` of a measurement that generated: copying of the training rows beyond what the
+        baseline's generations copy (by chance or by domain) from the same rows."""
+        generations = signals.get("generations")
+        if self._training_ngrams is None or not generations:
+            return
+        from collapse_guard.metrics.diversity import copied_share
+
+        if baseline is None:  # this is the baseline: compared with itself
+            signals["train_copy_gain"] = 0.0
+            return
+        base_generations = baseline.get("generations")
+        if base_generations:
+            signals["train_copy_gain"] = (copied_share(generations, self._training_ngrams)
+                                          - copied_share(base_generations, self._training_ngrams))
+            # the baseline compared with itself is 0 by definition; recorded so that a threshold on the
+            # signal (FloorConfig.early_warn) has its baseline value
+            baseline.setdefault("train_copy_gain", 0.0)
 
     def _judge(self, entry: dict[str, Any], update_floor: bool = True) -> Verdict:
         self.history.add(entry)

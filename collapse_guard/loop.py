@@ -506,6 +506,7 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
     from trl import SFTTrainer
 
     from collapse_guard.callbacks import CollapseGuardCallback
+    from collapse_guard.data import texts_of
     from collapse_guard.mixing import MixingCollator
     from collapse_guard.token_budget import TokenBudgetCallback
 
@@ -543,7 +544,7 @@ def train_step(ctx: RunContext, r: int, train_dataset) -> dict[str, Any]:
             ctx.heldout_texts, prompts=ctx.eval_prompts, collator=collator,
             config=c.guard.for_round(r, str(ctx.run_dir / HISTORY_FILENAME)), probe=c.evaluation.probe(),
             detector=c.detector, start=measurement(start) if start is not None else None,
-            floor=c.guard.floor)
+            floor=c.guard.floor, training_texts=texts_of(train_dataset))
         guard.attach(trainer)
     else:
         collator.attach(trainer)

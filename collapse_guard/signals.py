@@ -86,6 +86,9 @@ _ALL = (
     Signal("heldout_tail_nll", "held-out tail NLL", "up", "early", headline=True),
     Signal("heldout_worst_decile_nll", "held-out worst-decile NLL", "up", "early", headline=True),
     Signal("heldout_low_prob_share", "held-out p<1e-4 share", "up", "early", headline=True),
+    # From the generations, when the guard knows the round's training rows: how much more of the generated
+    # text copies them (word 4-grams) than the baseline model's generations do; 0 at the baseline.
+    Signal("train_copy_gain", "copying of training 4-grams", "up", "early", headline=True),
     # What self-training is for: accuracy on a verifiable task's held-out problems (a fall is a warning).
     Signal("task_accuracy", "task accuracy", "down", "task", "task", headline=True),
     Signal("train_loss", "train loss", "up", "loss", nonfinite_alarm=True),

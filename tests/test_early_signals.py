@@ -211,9 +211,9 @@ def test_a_nan_model_keeps_the_diverged_path_and_its_signals_are_nan(tokenizer, 
 
 # ----- observe-only, through the guard ----------------------------------------------------------------------
 def test_registered_logged_and_never_judged_by_default():
-    assert names(panel="early") == SIGNAL_NAMES
+    assert names(panel="early") == (*SIGNAL_NAMES, "train_copy_gain")  # the held-out ones, then copying
     config = DetectorConfig()
-    for name in SIGNAL_NAMES:
+    for name in names(panel="early"):
         assert SIGNALS[name].rule is None and not SIGNALS[name].nonfinite_alarm and name in logged_names()
         assert name not in config.diversity_signals and name not in config.nonfinite_alarm_signals
     # an entropy collapse alone, with a steady perplexity, raises nothing (thresholds come from healthy noise)
@@ -265,3 +265,48 @@ def test_guard_writes_them_to_the_history_and_logs_them(tokenizer, tiny_model, t
     assert logged[-1]["collapse/heldout_entropy"] == entries[-1]["heldout_entropy"]
     # observe-only: no verdict speaks of them
     assert not any(name in (e.get("evidence") or {}) for e in entries for name in SIGNAL_NAMES)
+
+
+def test_guard_logs_how_much_its_generations_copy_the_training_rows(tiny_model, tokenizer, tmp_path):
+    """train_copy_gain: the generations' word 4-grams found in the training rows, less the baseline's share;
+    0 at the baseline, recomputed here from the history's own generations; a copying model moves it up;
+    without training_texts it is not logged; bad training_texts are refused before training."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from collapse_guard.callbacks import CollapseGuardCallback, GuardConfig
+    from collapse_guard.history import FILENAME
+    from collapse_guard.io import read_json
+    from collapse_guard.metrics.diversity import copied_share, ngram_set
+
+    rows = human_like_sentences(64, seed=5)
+    data = Dataset.from_dict({"text": rows}).map(lambda b: tokenizer(b["text"]), batched=True,
+                                                 remove_columns=["text"])
+    args = TrainingArguments(str(tmp_path), max_steps=10, per_device_train_batch_size=8, learning_rate=1e-2,
+                             lr_scheduler_type="constant", use_cpu=True, report_to=[], save_strategy="no",
+                             disable_tqdm=True, seed=0)
+    trainer = Trainer(model=tiny_model, args=args, train_dataset=data, processing_class=tokenizer,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    guard = CollapseGuardCallback(human_like_sentences(24, seed=99), prompts=human_like_sentences(16, seed=7),
+                                  probe=ProbeConfig(context_length=64, max_new_tokens=16),
+                                  config=GuardConfig(eval_steps=5, cost_budget=None,
+                                                     stop_training_on_alarm=False),
+                                  training_texts=rows)
+    guard.attach(trainer)
+    trainer.train()
+    entries = read_json(tmp_path / FILENAME)["entries"]
+    table = ngram_set(rows)
+    assert entries[0]["train_copy_gain"] == 0.0
+    for entry in entries[1:]:
+        expected = copied_share(entry["generations"], table) - copied_share(entries[0]["generations"], table)
+        assert entry["train_copy_gain"] == pytest.approx(expected, abs=1e-12)
+    # a model that writes its training rows back copies all of their 4-grams
+    signals = {"generations": rows[:8]}
+    guard._copy_gain(signals, {"generations": human_like_sentences(8, seed=123)})
+    assert signals["train_copy_gain"] > 0.5
+    with pytest.raises(TypeError, match="training_texts must be a list of strings"):
+        CollapseGuardCallback(["A held-out document."], training_texts="one string")
+    plain = CollapseGuardCallback(["A held-out document."], prompts=["A prompt here"])
+    signals = {"generations": ["a b c d e"]}
+    plain._copy_gain(signals, None)
+    assert "train_copy_gain" not in signals

@@ -50,6 +50,37 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(grams) / total if total else 0.0
 
 
+def ngram_set(texts: list[str], n: int = 4) -> frozenset[tuple[str, ...]]:
+    """Every word n-gram of `texts` (lowercased words, within a text): what `copied_share` looks up."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}.")
+    out: set[tuple[str, ...]] = set()
+    for text in texts:
+        tokens = words(text)
+        out.update(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return frozenset(out)
+
+
+def copied_share(texts: list[str], table: frozenset[tuple[str, ...]], n: int = 4) -> float:
+    """Share of the word n-grams of `texts` (counted with repeats) found in `table` (`ngram_set` of the
+    training rows): how much generated text copies what the model trained on. NaN when `texts` hold none.
+
+    ```python
+    >>> table = ngram_set(["the river crossed the valley at dusk"])
+    >>> copied_share(["the river crossed the valley", "a bird sang over the hills"], table)  # 2 of 5
+    0.4
+
+    ```
+    """
+    total = hits = 0
+    for text in texts:
+        tokens = words(text)
+        for i in range(len(tokens) - n + 1):
+            total += 1
+            hits += tuple(tokens[i : i + n]) in table
+    return hits / total if total else math.nan
+
+
 def unigram_entropy(texts: list[str]) -> float:
     """Shannon entropy (bits) of the word unigram distribution over all texts."""
     counts = Counter(w for text in texts for w in words(text))
