@@ -98,7 +98,7 @@ def fill_train_copy_gain(run: Path, entries: list[dict[str, Any]]) -> None:
     against that round's training rows (`round_<r>/train`, as the loop saved them), less the baseline's,
     with the functions the guard uses."""
     from collapse_guard.data import texts_of
-    from collapse_guard.metrics.diversity import copied_share, ngram_set
+    from collapse_guard.metrics.diversity import copy_gain, ngram_set
 
     if not entries or any("train_copy_gain" in e for e in entries) or not entries[0].get("generations"):
         return
@@ -111,8 +111,7 @@ def fill_train_copy_gain(run: Path, entries: list[dict[str, Any]]) -> None:
         if r == 0 or e is entries[0]:
             e["train_copy_gain"] = 0.0  # the baseline against itself
         elif tables[r] is not None and e.get("generations"):
-            e["train_copy_gain"] = (copied_share(e["generations"], tables[r])
-                                    - copied_share(entries[0]["generations"], tables[r]))
+            e["train_copy_gain"] = copy_gain(e["generations"], entries[0]["generations"], tables[r])
 
 
 def trained_so_far(run: Path, entries: list[dict[str, Any]]) -> list[tuple[int, int | None]]:

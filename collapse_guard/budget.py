@@ -73,9 +73,9 @@ class MeasurementBudget:
 
     @classmethod
     def from_config(cls, config) -> MeasurementBudget:
-        """From a `GuardConfig` (its eval_steps, cost_budget, budget_unit and generation_every)."""
+        """From a `GuardConfig`: its eval_steps, cost_budget, budget_unit, generation_every, sequential."""
         return cls(config.eval_steps, config.cost_budget, config.budget_unit, config.generation_every,
-                   getattr(config, "sequential", False))
+                   config.sequential)
 
     def start(self, last_measured: int = -1, model=None) -> None:
         """Resets every counter: a trainer starts (or resumes) training; `last_measured` is the step of the

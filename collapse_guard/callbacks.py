@@ -62,7 +62,9 @@ class GuardConfig:
                 "rules will stay quiet at sequential_confidence; such an entry's heldout_ppl is then the "
                 "whole set's estimate from the paired half, and the held-out early signals (heldout_entropy, "
                 "...: whole-set values) are left out of it. Warnings and alarms always rest on the whole "
-                "set. False: every measurement scores every document."})
+                "set. When half the scorable documents (rounded up) are fewer than "
+                "DetectorConfig.min_items, the half could never decide: the guard says so once and scores "
+                "them all. False: every measurement scores every document."})
     sequential_confidence: float = field(default=0.999, metadata={
         "help": "Two-sided level of the first look's intervals (a Haybittle-Peto boundary: 0.999 keeps the "
                 "whole-set test's error rates; lower saves more and risks more)."})
@@ -155,6 +157,7 @@ class CollapseGuardCallback(TrainerCallback):
         self.heldout_texts, self.prompts = heldout_texts, prompts
         Probe(heldout_texts, None, self.probe_config, prompts)  # validates the texts now, before any training
         self._training_ngrams = None
+        self._first_look_ok: bool | None = None
         if training_texts is not None:
             from collapse_guard.metrics.diversity import ngram_set
 
@@ -243,7 +246,7 @@ class CollapseGuardCallback(TrainerCallback):
         held-out set may be scored in two looks (`GuardConfig.sequential`)."""
         context = self.history.context(self.config.round_index)
         first_look = None
-        if sequential and self.config.sequential and not final and context:
+        if sequential and self.config.sequential and not final and context and self._first_look_possible():
             def first_look(partial: dict[str, Any]) -> bool:
                 return self.detector.held_out_decided(context, partial, self.config.sequential_confidence)
 
@@ -265,24 +268,39 @@ class CollapseGuardCallback(TrainerCallback):
         self._judge(entry)
         return entry
 
+    def _first_look_possible(self) -> bool:
+        """Whether half the held-out set holds enough documents for the first look's interval; if not, says
+        once that every measurement scores the whole set (and the budget prices them so)."""
+        if self._first_look_ok is None:
+            half, need = len(self.probe.first_look_documents()), self.detector.config.min_items
+            self._first_look_ok = half >= need
+            if not self._first_look_ok:
+                self.budget.sequential = False
+                if is_main():
+                    logger.info("collapse guard: sequential measurements are off: their first look at half "
+                                "the held-out set would hold %d documents and its interval needs %d "
+                                "(DetectorConfig.min_items); every measurement scores all of them.",
+                                half, need)
+        return self._first_look_ok
+
     def _copy_gain(self, signals: dict[str, Any], baseline: dict[str, Any] | None) -> None:
         """`train_copy_gain` of a measurement that generated: copying of the training rows beyond what the
         baseline's generations copy (by chance or by domain) from the same rows."""
         generations = signals.get("generations")
         if self._training_ngrams is None or not generations:
             return
-        from collapse_guard.metrics.diversity import copied_share
+        from collapse_guard.metrics.diversity import copy_gain
 
         if baseline is None:  # this is the baseline: compared with itself
             signals["train_copy_gain"] = 0.0
             return
         base_generations = baseline.get("generations")
-        if base_generations:
-            signals["train_copy_gain"] = (copied_share(generations, self._training_ngrams)
-                                          - copied_share(base_generations, self._training_ngrams))
-            # the baseline compared with itself is 0 by definition; recorded so that a threshold on the
-            # signal (FloorConfig.early_warn) has its baseline value
-            baseline.setdefault("train_copy_gain", 0.0)
+        if not base_generations:
+            return
+        signals["train_copy_gain"] = copy_gain(generations, base_generations, self._training_ngrams)
+        # the baseline compared with itself is 0 by definition; recorded so that a threshold on the signal
+        # (FloorConfig.early_warn) has its baseline value
+        baseline.setdefault("train_copy_gain", 0.0)
 
     def _judge(self, entry: dict[str, Any], update_floor: bool = True) -> Verdict:
         self.history.add(entry)
@@ -475,4 +493,3 @@ class CollapseGuardCallback(TrainerCallback):
             self.history.at(self.config.round_index, state.global_step)["final"] = True
             self._save(state)
         self.budget.warn_if_over()
-

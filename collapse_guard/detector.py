@@ -474,7 +474,8 @@ class CollapseDetector:
             for which, entry, (nll, tokens) in (("baseline", base, sums[0]), ("latest", new, sums[1])):
                 # a partial entry stores an estimate for the whole set, and its scored part's value beside it
                 stored = entry.get(f"{c.ppl_signal}_scored" if _scored(entry, c) else c.ppl_signal)
-                from_docs = math.exp(math.fsum(nll) / math.fsum(tokens)) if math.fsum(tokens) > 0 else None
+                total = math.fsum(tokens)
+                from_docs = math.exp(math.fsum(nll) / total) if total > 0 else None
                 if (from_docs is not None and _finite(stored) and stored > 0
                         and abs(from_docs / stored - 1.0) > _PPL_CONSISTENCY):
                     return None, (f"point estimate: per-document sums give ppl {from_docs:.4g}, the {which} "

@@ -228,19 +228,21 @@ class Probe:
         start = time.perf_counter()
         with eval_mode(model), self._precision(model):
             evaluator = self.evaluator()
-            partial = False
+            signals: dict[str, Any] | None = None  # the first look's, when it decided
             if first_look is None:
                 result = evaluator.compute(model)
             else:
                 look = self.first_look_documents()
                 result = evaluator.compute(model, documents=look)
-                partial = result.diverged is not None or first_look(_heldout(result, look))
-                if not partial:
+                partial = _heldout(result, look)
+                if result.diverged is not None or first_look(partial):
+                    signals = partial
+                else:
                     rest = sorted(set(range(evaluator.n_documents)) - set(look))
                     if rest:
                         result = evaluator.combine(model, result, evaluator.compute(model, documents=rest))
-            signals = _heldout(result, self.first_look_documents() if partial else None)
-            if not partial:
+            if signals is None:
+                signals = _heldout(result, None)
                 signals.update(getattr(result, "signals", None) or {})  # heldout_entropy, ... (NaN: diverged)
             forward_tokens = result.n_tokens
             split = {"perplexity_seconds": time.perf_counter() - start}

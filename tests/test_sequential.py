@@ -129,11 +129,10 @@ def test_partial_entries_are_judged_on_the_documents_they_scored():
     assert CollapseDetector().check([base, partial, latest]).level == "ok"
 
 
-def test_guard_scores_half_between_first_and_final_and_estimates_the_whole(tokenizer, tmp_path, monkeypatch):
+def _train_under_guard(tokenizer, tmp_path, heldout: list[str]) -> CollapseGuardCallback:
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    texts = human_like_sentences(32, seed=11)
     model = tiny_causal_lm(tokenizer, seed=0)
     data = Dataset.from_dict({"text": human_like_sentences(64, seed=5)}).map(
         lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"])
@@ -141,14 +140,31 @@ def test_guard_scores_half_between_first_and_final_and_estimates_the_whole(token
                              use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    guard = CollapseGuardCallback(texts, probe=ProbeConfig(context_length=64),
+    guard = CollapseGuardCallback(heldout, probe=ProbeConfig(context_length=64),
                                   config=GuardConfig(eval_steps=4, cost_budget=None))
     guard.attach(trainer)
+    trainer.train()
+    return guard
+
+
+def test_too_few_documents_for_a_first_look_say_so_and_score_the_whole_set(tokenizer, tmp_path, caplog):
+    """12 documents: a first look at 6 could never decide (intervals need DetectorConfig.min_items = 10), so
+    the guard says so once and scores every document, rather than scoring 6 and then 6 more."""
+    caplog.set_level("INFO", logger="collapse_guard.callbacks")
+    guard = _train_under_guard(tokenizer, tmp_path, human_like_sentences(12, seed=11))
+    entries = read_json(tmp_path / FILENAME)["entries"]
+    assert [e["step"] for e in entries] == [0, 4, 8]
+    assert not any("heldout_doc_index" in e for e in entries) and not guard.budget.sequential
+    said = [r.message for r in caplog.records if "sequential measurements are off" in r.message]
+    assert len(said) == 1 and "would hold 6 documents and its interval needs 10" in said[0]
+
+
+def test_guard_scores_half_between_first_and_final_and_estimates_the_whole(tokenizer, tmp_path, monkeypatch):
     scored = []
     compute = HeldoutPerplexity.compute
     monkeypatch.setattr(HeldoutPerplexity, "compute", lambda self, m, documents=None: scored.append(
         documents) or compute(self, m, documents))
-    trainer.train()
+    guard = _train_under_guard(tokenizer, tmp_path, human_like_sentences(32, seed=11))
     entries = read_json(tmp_path / FILENAME)["entries"]
     assert [(e["step"], "heldout_doc_index" in e) for e in entries] == [(0, False), (4, True), (8, False)]
     base, partial, final = entries
@@ -188,3 +204,32 @@ def test_sequential_settings_are_validated():
         GuardConfig(sequential="yes")
     with pytest.raises(ValueError, match=r"ProbeConfig.sampler must be one of .*got 'gumbel'"):
         ProbeConfig(sampler="gumbel")
+
+
+@pytest.mark.distributed
+def test_two_processes_take_the_same_first_looks_and_score_the_half_as_one(tmp_path):
+    """torchrun, 2 ranks, gloo: the in-training measurements stop at the first look on both ranks alike
+    (same documents, sums, estimate, verdict), and the half's all-reduced per-document sums equal one
+    process scoring the same half."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "sequential_dist.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           str(script), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1] and ranks[0]["world_size"] == 2
+    history = ranks[0]["history"]
+    assert [(e["step"], e["heldout_doc_index"] is not None) for e in history] == [
+        (0, False), (2, True), (4, True), (6, False)]
+    assert all(e["heldout_doc_index"] == ranks[0]["first_look"] for e in history[1:3])
+    nll, tokens = ranks[0]["two_processes"]
+    alone_nll, alone_tokens = json.loads((tmp_path / "single.json").read_text())
+    assert tokens == alone_tokens and sum(t > 0 for t in tokens) == len(ranks[0]["first_look"]) == 13
+    assert nll == pytest.approx(alone_nll, rel=1e-9)

@@ -81,6 +81,14 @@ def copied_share(texts: list[str], table: frozenset[tuple[str, ...]], n: int = 4
     return hits / total if total else math.nan
 
 
+def copy_gain(texts: list[str], baseline_texts: list[str], table: frozenset[tuple[str, ...]],
+              n: int = 4) -> float:
+    """`copied_share` of `texts` less that of `baseline_texts` (the baseline model's generations for the same
+    prompts): copying of the training rows beyond what chance and the shared domain give
+    (`train_copy_gain`)."""
+    return copied_share(texts, table, n) - copied_share(baseline_texts, table, n)
+
+
 def unigram_entropy(texts: list[str]) -> float:
     """Shannon entropy (bits) of the word unigram distribution over all texts."""
     counts = Counter(w for text in texts for w in words(text))

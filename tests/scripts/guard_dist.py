@@ -59,7 +59,9 @@ def main(out: str) -> None:
         "stopped_at": guard.stopped_at,
         "level": verdict.level,
         "reasons": verdict.reasons,
-        "history": [[e["step"], e["heldout_ppl"], e.get("distinct_1")] for e in guard.history.entries],
+        # the documents each measurement scored (a sequential first look decides alike on both ranks)
+        "history": [[e["step"], e["heldout_ppl"], e.get("distinct_1"), e.get("heldout_doc_index")]
+                    for e in guard.history.entries],
     }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
