@@ -176,3 +176,16 @@ def tiny_chat_datasets(n_real: int = 32, n_synthetic: int = 32, seed: int = 0):
                       for i in range(n_synthetic)]}
     )
     return real, synthetic
+
+
+def launch_two_processes(script: str | Path, *args: str, timeout: float = 240, **env: str):
+    """Runs `script` on 2 CPU processes under torchrun (gloo; a free rendezvous port, so tests never collide)
+    with one thread each and `env` added; returns the `subprocess.CompletedProcess` (text output)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(script), *map(str, args)]
+    return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True,
+                          text=True, timeout=timeout)

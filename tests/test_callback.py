@@ -1,8 +1,5 @@
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,12 @@ from collapse_guard.history import FILENAME as HISTORY_FILENAME
 from collapse_guard.io import read_json
 from collapse_guard.mixing import MixingCollator
 from collapse_guard.probe import ProbeConfig
-from collapse_guard.testing import degenerate_sentences, human_like_sentences, tiny_causal_lm
+from collapse_guard.testing import (
+    degenerate_sentences,
+    human_like_sentences,
+    launch_two_processes,
+    tiny_causal_lm,
+)
 
 HELDOUT = human_like_sentences(24, seed=99)
 PROMPTS = ["The river", "A farmer", "The council", "My neighbour", "The storm", "A young doctor"]
@@ -390,10 +392,7 @@ def test_final_verdict_reaches_tensorboard_event_files(model, tokenizer, tmp_pat
 @pytest.mark.distributed
 def test_two_processes_stop_at_the_same_step(tmp_path):
     script = Path(__file__).parent / "scripts" / "guard_dist.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(script), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    done = launch_two_processes(script, tmp_path, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0] == results[1]

@@ -2,9 +2,6 @@
 recovery, applies it on every rank at the same step, and carries it through a resume."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from collapse_guard.detector import CollapseDetector, Verdict
 from collapse_guard.floor import FloorConfig, FloorController
 from collapse_guard.mixing import MixingCollator, mix_datasets
 from collapse_guard.probe import ProbeConfig
-from collapse_guard.testing import human_like_sentences, tiny_causal_lm
+from collapse_guard.testing import human_like_sentences, launch_two_processes, tiny_causal_lm
 
 
 def test_policy_steps_and_bounds():
@@ -161,10 +158,7 @@ def test_floor_state_survives_a_resume(tmp_path, tokenizer, monkeypatch):
 @pytest.mark.distributed
 def test_two_processes_apply_the_same_floor_at_the_same_step(tmp_path):
     script = Path(__file__).parent / "scripts" / "floor_dist.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(script), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = launch_two_processes(script, tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["floors"] == ranks[1]["floors"] and len(set(f for _, f in ranks[0]["floors"])) > 1

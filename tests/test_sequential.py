@@ -20,7 +20,7 @@ from collapse_guard.history import FILENAME
 from collapse_guard.io import read_json
 from collapse_guard.metrics.perplexity import HeldoutPerplexity
 from collapse_guard.probe import Probe, ProbeConfig
-from collapse_guard.testing import human_like_sentences, tiny_causal_lm, tiny_tokenizer
+from collapse_guard.testing import human_like_sentences, launch_two_processes, tiny_causal_lm, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -212,16 +212,10 @@ def test_two_processes_take_the_same_first_looks_and_score_the_half_as_one(tmp_p
     (same documents, sums, estimate, verdict), and the half's all-reduced per-document sums equal one
     process scoring the same half."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     script = Path(__file__).parent / "scripts" / "sequential_dist.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           str(script), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    done = launch_two_processes(script, tmp_path, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1] and ranks[0]["world_size"] == 2
